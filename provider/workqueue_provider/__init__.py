@@ -1,0 +1,28 @@
+"""Airflow provider for Kubernetes work-queue batch Jobs fed by RabbitMQ."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+
+def get_provider_info() -> dict:
+    """What Airflow's providers manager reads through the ``apache_airflow_provider`` entry point."""
+    return {
+        "package-name": "airflow-provider-workqueue",
+        "name": "Work queue (RabbitMQ + Kubernetes Jobs)",
+        "description": "Fill a RabbitMQ work queue and run a Kubernetes Job that drains it, "
+        "following Kubernetes' coarse-parallel work-queue pattern.",
+        "versions": [__version__],
+        "connection-types": [
+            {"connection-type": "amqp", "hook-class-name": "workqueue_provider.hooks.amqp.AmqpHook"},
+            {"connection-type": "amqps", "hook-class-name": "workqueue_provider.hooks.amqp.AmqpsHook"},
+        ],
+        "hook-class-names": ["workqueue_provider.hooks.amqp.AmqpHook"],
+        "operators": [
+            {
+                "integration-name": "Work queue",
+                "python-modules": ["workqueue_provider.operators.queue"],
+            }
+        ],
+        "extra-links": [],
+    }

@@ -1,0 +1,183 @@
+"""Persistent messages with publisher confirms pipelined: many in flight, never one wait per message.
+
+pika's BlockingChannel waits for each confirm on its own (10-20x slower); this drives a
+``SelectConnection`` with an ack/nack callback and keeps up to ``window`` messages unconfirmed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import pika
+import pika.exceptions
+from pika.spec import Basic
+
+from workqueue_provider.amqp.connection import BrokerSettings, translate_connect_error
+from workqueue_provider.exceptions import BrokerError, ConfigurationError, PublishError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WINDOW = 1000
+PERSISTENT = pika.DeliveryMode.Persistent
+
+ProgressCallback = Callable[[int, float], None]
+"""Called with (items confirmed so far, seconds elapsed)."""
+
+
+@dataclass
+class PublishResult:
+    confirmed: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.confirmed / self.seconds if self.seconds > 0 else float("inf")
+
+
+class _ConfirmedPublish:
+    """One publishing run on its own SelectConnection; see :func:`publish`."""
+
+    def __init__(self, settings: BrokerSettings, routing_key: str, bodies: Iterator[bytes], total: int,
+                 window: int, properties: pika.BasicProperties, on_progress: ProgressCallback | None,
+                 progress_every: float):
+        self.settings = settings
+        self.routing_key = routing_key
+        self.bodies = bodies
+        self.total = total
+        self.window = window
+        self.properties = properties
+        self.on_progress = on_progress
+        self.progress_every = progress_every
+        self.published = 0
+        self.confirmed = 0
+        self.exhausted = False
+        self.error: BaseException | None = None
+        self.connection: pika.SelectConnection | None = None
+        self.channel: pika.channel.Channel | None = None
+        self.started = 0.0
+        self.last_progress = 0.0
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def run(self) -> PublishResult:
+        self.started = self.last_progress = time.monotonic()
+        self.connection = pika.SelectConnection(
+            self.settings.pika_parameters(),
+            on_open_callback=self._on_connection_open,
+            on_open_error_callback=self._on_open_error,
+            on_close_callback=self._on_connection_closed,
+        )
+        self.connection.ioloop.start()
+        if self.error is not None:
+            raise self.error
+        return PublishResult(self.confirmed, time.monotonic() - self.started)
+
+    def _fail(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = error
+        self._close()
+
+    def _close(self) -> None:
+        assert self.connection is not None
+        if self.connection.is_open:
+            self.connection.close()
+        elif self.connection.is_closed:
+            self.connection.ioloop.stop()
+
+    def _on_open_error(self, _connection: pika.SelectConnection, error: BaseException) -> None:
+        self.error = translate_connect_error(self.settings, error)
+        _connection.ioloop.stop()
+
+    def _on_connection_closed(self, connection: pika.SelectConnection, reason: BaseException) -> None:
+        if self.error is None and not self._done():
+            self.error = PublishError(
+                f"The connection to {self.settings.address} closed while publishing ({reason})",
+                confirmed=self.confirmed, total=self.total,
+            )
+        connection.ioloop.stop()
+
+    def _on_connection_open(self, connection: pika.SelectConnection) -> None:
+        connection.channel(on_open_callback=self._on_channel_open)
+
+    def _on_channel_open(self, channel: pika.channel.Channel) -> None:
+        self.channel = channel
+        channel.add_on_close_callback(self._on_channel_closed)
+        channel.add_on_return_callback(self._on_return)
+        channel.confirm_delivery(ack_nack_callback=self._on_confirm, callback=lambda _frame: self._pump())
+
+    def _on_channel_closed(self, _channel: pika.channel.Channel, reason: BaseException) -> None:
+        if not self._done():
+            self._fail(PublishError(f"The broker closed the publishing channel ({reason})",
+                                    confirmed=self.confirmed, total=self.total))
+        else:
+            self._close()
+
+    # -- publishing ------------------------------------------------------------------------------
+    def _done(self) -> bool:
+        return self.exhausted and self.confirmed == self.published
+
+    def _pump(self) -> None:
+        assert self.channel is not None
+        while not self.exhausted and self.published - self.confirmed < self.window and self.error is None:
+            body = next(self.bodies, None)
+            if body is None:
+                self.exhausted = True
+                break
+            self.channel.basic_publish("", self.routing_key, body, self.properties, mandatory=True)
+            self.published += 1
+        if self._done() and self.error is None:
+            self._report(force=True)
+            self.channel.close()
+
+    def _on_confirm(self, frame: pika.frame.Method) -> None:
+        method = frame.method
+        if isinstance(method, Basic.Nack):
+            self._fail(PublishError(
+                f"The broker refused (nack) message {method.delivery_tag} for queue {self.routing_key!r}",
+                confirmed=self.confirmed, total=self.total,
+            ))
+            return
+        if self.error is not None:
+            return
+        # Delivery tags count from 1 in publish order; `multiple` acks everything up to the tag.
+        self.confirmed = method.delivery_tag if method.multiple else self.confirmed + 1
+        self._report()
+        self._pump()
+
+    def _on_return(self, _channel: object, _method: object, _properties: object, _body: bytes) -> None:
+        self._fail(PublishError(
+            f"Queue {self.routing_key!r} does not exist, so the broker returned an unroutable message: "
+            "declare the queue first (DeclareQueueOperator)",
+            confirmed=self.confirmed, total=self.total,
+        ))
+
+    def _report(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.on_progress and (force or now - self.last_progress >= self.progress_every):
+            self.last_progress = now
+            self.on_progress(self.confirmed, now - self.started)
+
+
+def publish(settings: BrokerSettings, routing_key: str, bodies: Iterable[bytes], *, total: int,
+            window: int = DEFAULT_WINDOW, content_type: str | None = None,
+            headers: dict[str, str] | None = None, on_progress: ProgressCallback | None = None, progress_every: float = 5.0) -> PublishResult:
+    """Publish every body as a persistent message to the default exchange, routed to ``routing_key``.
+
+    Returns once the broker has confirmed all of them. Raises :class:`PublishError` (saying how many
+    were confirmed) on a nack, an unroutable message, or a lost connection.
+    """
+    if window <= 0:
+        raise ConfigurationError(f"window={window!r} must be a positive number of messages in flight.")
+    properties = pika.BasicProperties(delivery_mode=PERSISTENT, content_type=content_type, headers=headers)
+    run = _ConfirmedPublish(settings, routing_key, iter(bodies), total, window, properties,
+                            on_progress, progress_every)
+    try:
+        result = run.run()
+    except (pika.exceptions.AMQPError, OSError) as e:
+        raise BrokerError(f"Publishing to {settings.address} failed: {e}") from e
+    if result.confirmed != total:
+        raise PublishError(f"Expected {total} items but published {result.confirmed}",
+                           confirmed=result.confirmed, total=total)
+    return result

@@ -1,0 +1,158 @@
+"""AmqpHook: an Airflow connection to RabbitMQ (``amqp://`` or ``amqps://``), one pika connection per use."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from functools import cached_property
+from typing import Any
+
+from airflow.sdk import BaseHook
+
+from workqueue_provider.amqp import queues
+from workqueue_provider.amqp.connection import BrokerSettings, open_connection
+from workqueue_provider.amqp.publisher import DEFAULT_WINDOW, ProgressCallback, PublishResult, publish
+from workqueue_provider.amqp.queues import QueueDepth, QueueSpec
+from workqueue_provider.exceptions import WorkQueueError
+
+# Connection extras (also accepted as URI query parameters) and their form labels.
+_EXTRA_FIELDS = {
+    "ca_certs": "TLS CA certificate file",
+    "certfile": "TLS client certificate file",
+    "keyfile": "TLS client key file",
+    "server_hostname": "TLS server name (SNI / hostname check)",
+    "heartbeat": "Heartbeat (s)",
+    "blocked_connection_timeout": "Blocked connection timeout (s)",
+    "connection_attempts": "Connection attempts",
+    "retry_delay": "Retry delay (s)",
+    "socket_timeout": "Socket timeout (s)",
+}
+
+
+class AmqpHook(BaseHook):
+    """Talks to RabbitMQ through pika. Nothing connects until a method is called; each call opens
+    one connection and always closes it.
+
+    :param amqp_conn_id: Airflow connection: host, port, login, password, schema = vhost, extras
+        for TLS (``ssl``, ``ca_certs``, ``certfile``, ``keyfile``, ``verify``, ``server_hostname``)
+        and timeouts (``heartbeat``, ``blocked_connection_timeout``, ``connection_attempts``,
+        ``retry_delay``, ``socket_timeout``).
+    """
+
+    conn_name_attr = "amqp_conn_id"
+    default_conn_name = "amqp_default"
+    conn_type = "amqp"
+    hook_name = "AMQP (RabbitMQ)"
+
+    def __init__(self, amqp_conn_id: str = default_conn_name, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.amqp_conn_id = amqp_conn_id
+
+    @classmethod
+    def get_connection_form_widgets(cls) -> dict[str, Any]:
+        from flask_appbuilder.fieldwidgets import BS3TextFieldWidget
+        from flask_babel import lazy_gettext
+        from wtforms import BooleanField, IntegerField, StringField
+        from wtforms.validators import NumberRange, Optional
+
+        widgets: dict[str, Any] = {
+            "ssl": BooleanField(lazy_gettext("Use TLS (amqps)"), default=False),
+            "verify": BooleanField(lazy_gettext("Verify the server certificate"), default=True),
+        }
+        for name, label in _EXTRA_FIELDS.items():
+            if name in ("heartbeat", "connection_attempts"):
+                widgets[name] = IntegerField(lazy_gettext(label), validators=[Optional(), NumberRange(min=0)],
+                                             widget=BS3TextFieldWidget())
+            else:
+                widgets[name] = StringField(lazy_gettext(label), widget=BS3TextFieldWidget())
+        return widgets
+
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        return {
+            "hidden_fields": ["extra"],
+            "relabeling": {"schema": "Virtual host", "login": "Username"},
+            "placeholders": {
+                "host": "rabbitmq-service.default.svc or localhost",
+                "port": "5672 (amqp) or 5671 (amqps)",
+                "schema": "/",
+                "login": "guest",
+                "ca_certs": "/etc/ssl/rabbitmq/ca.pem",
+                "heartbeat": "60",
+                "blocked_connection_timeout": "60",
+                "connection_attempts": "3",
+            },
+        }
+
+    @cached_property
+    def settings(self) -> BrokerSettings:
+        """Broker settings read from the Airflow connection (the password stays inside)."""
+        conn = self.get_connection(self.amqp_conn_id)
+        extras = {k.split("__")[-1]: v for k, v in conn.extra_dejson.items() if v not in (None, "")}
+        base = BrokerSettings(
+            host=conn.host or "",
+            port=conn.port,
+            login=conn.login or "guest",
+            password=conn.password or "guest",
+            vhost=conn.schema or "/",
+            tls=conn.conn_type == "amqps",
+        )
+        return base.with_options(extras)
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[Any]:
+        """A pika BlockingConnection that is closed on exit."""
+        connection = open_connection(self.settings)
+        try:
+            yield connection
+        finally:
+            with contextlib.suppress(Exception):
+                connection.close()
+
+    def test_connection(self) -> tuple[bool, str]:
+        """Read-only probe: connect, read the server's version, disconnect."""
+        try:
+            with self.connection() as connection:
+                props = connection._impl.server_properties
+                product = props.get("product", b"broker")
+                version = props.get("version", b"?")
+                decode = lambda v: v.decode() if isinstance(v, bytes) else str(v)  # noqa: E731
+                return True, f"Connected to {decode(product)} {decode(version)} at {self.settings.describe()}"
+        except WorkQueueError as e:
+            return False, str(e)
+
+    def declare_queue(self, spec: QueueSpec) -> QueueDepth:
+        with self.connection() as connection:
+            return queues.declare(connection, spec, vhost=self.settings.vhost)
+
+    def queue_depth(self, queue_name: str) -> QueueDepth:
+        with self.connection() as connection:
+            return queues.depth(connection, queue_name, vhost=self.settings.vhost)
+
+    def first_message_fill(self, queue_name: str) -> str | None:
+        """Which fill published the queue's first ready message (None if empty or untagged)."""
+        with self.connection() as connection:
+            return queues.first_message_fill(connection, queue_name)
+
+    def purge_queue(self, queue_name: str) -> int:
+        with self.connection() as connection:
+            return queues.purge(connection, queue_name)
+
+    def delete_queue(self, queue_name: str) -> int | None:
+        with self.connection() as connection:
+            return queues.delete(connection, queue_name)
+
+    def publish(self, queue_name: str, bodies: Iterable[bytes], *, total: int, window: int = DEFAULT_WINDOW,
+                content_type: str | None = None, headers: dict[str, str] | None = None,
+                on_progress: ProgressCallback | None = None,
+                progress_every: float = 5.0) -> PublishResult:
+        """Publish persistent messages with pipelined confirms; see :func:`~workqueue_provider.amqp.publisher.publish`."""
+        return publish(self.settings, queues.validate_queue_name(queue_name), bodies, total=total, window=window,
+                       content_type=content_type, headers=headers, on_progress=on_progress, progress_every=progress_every)
+
+
+class AmqpsHook(AmqpHook):
+    """The same hook for ``amqps://`` connections (TLS on, port 5671 by default)."""
+
+    conn_type = "amqps"
+    hook_name = "AMQP over TLS (RabbitMQ)"
