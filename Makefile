@@ -1,0 +1,36 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+# Caches (venv, Go build, control-plane binaries) live in $(WORKQUEUE_CACHE), outside the repo.
+SHELL := /bin/bash
+export WORKQUEUE_CACHE ?= $(HOME)/.cache/workqueue
+VENV = $(shell scripts/ensure-venv.sh)
+PYTEST_ARGS ?=
+
+.PHONY: venv broker test test-unit test-integration demo cluster bench lint
+
+venv:
+	@scripts/ensure-venv.sh
+
+broker:
+	@scripts/ensure-rabbitmq.sh
+
+## make test: every test (unit, real broker, real control plane). Services that can't start fail the run.
+test: broker
+	@venv="$(VENV)"; CI=true "$$venv/bin/python" -m pytest $(PYTEST_ARGS)
+
+test-unit:
+	@venv="$(VENV)"; "$$venv/bin/python" -m pytest tests/unit $(PYTEST_ARGS)
+
+## make demo: the example DAG end to end (local broker + local control plane unless KUBECONFIG is set).
+demo: broker
+	@venv="$(VENV)"; "$$venv/bin/python" scripts/demo.py
+
+## make cluster: start the local control plane in the foreground; prints the kubeconfig path.
+cluster:
+	@venv="$(VENV)"; "$$venv/bin/python" tests/cluster/local_cluster.py up
+
+## make bench: the benchmark suite (ratios measured side by side).
+bench: broker
+	@venv="$(VENV)"; "$$venv/bin/python" bench/run.py
+
+lint:
+	@venv="$(VENV)"; "$$venv/bin/ruff" check provider tests dags bench && "$$venv/bin/mypy"

@@ -1,0 +1,67 @@
+"""Shared fixtures: an isolated AIRFLOW_HOME, the real RabbitMQ broker, per-test queues."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BROKER_URL = os.environ.get("WORKQUEUE_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
+
+# Airflow reads its home at import time: isolate it before any test imports airflow.
+os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="workqueue-airflow-home-"))
+os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(REPO / "dags"))
+
+pytest_plugins = ["tests.cluster.pytest_plugin"]
+
+
+@pytest.fixture(scope="session")
+def broker_url() -> str:
+    """A RabbitMQ server that answers; started (and installed) if needed. Fails, never skips."""
+    from workqueue_provider.amqp.connection import BrokerSettings, open_connection
+    from workqueue_provider.exceptions import BrokerError
+
+    settings = BrokerSettings.from_url(BROKER_URL)
+    try:
+        open_connection(settings).close()
+    except BrokerError:
+        result = subprocess.run([str(REPO / "scripts/ensure-rabbitmq.sh")], capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.fail(f"RabbitMQ could not be started for the tests:\n{result.stderr}")
+        open_connection(settings).close()
+    return BROKER_URL
+
+
+@pytest.fixture
+def amqp_conn(broker_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The default Airflow AMQP connection, pointing at the test broker."""
+    monkeypatch.setenv("AIRFLOW_CONN_AMQP_DEFAULT", broker_url)
+    return "amqp_default"
+
+
+@pytest.fixture
+def queue_name(broker_url: str) -> Iterator[str]:
+    """A fresh queue name; the queue (and its dead-letter twin) are deleted after the test."""
+    from workqueue_provider.amqp.connection import BrokerSettings, open_connection
+    from workqueue_provider.amqp.queues import delete
+
+    name = f"test-{uuid.uuid4().hex[:10]}"
+    yield name
+    connection = open_connection(BrokerSettings.from_url(broker_url))
+    for leftover in (name, f"{name}.dead"):
+        delete(connection, leftover)
+    connection.close()
+
+
+def task_context(dag_id: str = "dag", task_id: str = "task", run_id: str = "manual__1", try_number: int = 1) -> dict:
+    """The part of an Airflow context the operators read, for calling execute() directly."""
+    ti = SimpleNamespace(dag_id=dag_id, task_id=task_id, run_id=run_id, map_index=-1, try_number=try_number)
+    return {"ti": ti, "run_id": run_id, "task_instance": ti}

@@ -1,0 +1,92 @@
+import pika
+import pytest
+
+from workqueue_provider.amqp.connection import BrokerSettings, translate_connect_error
+from workqueue_provider.exceptions import (
+    BrokerAuthError,
+    BrokerError,
+    BrokerUnreachableError,
+    ConfigurationError,
+)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        pytest.param("amqp://user:pass@host:5672/vh", dict(host="host", port=5672, login="user", vhost="vh", tls=False), id="amqp"),
+        pytest.param("amqps://user:pass@host/vh", dict(host="host", effective_port=5671, tls=True), id="amqps-default-port"),
+        pytest.param("amqp://u:p@host/", dict(vhost="/", effective_port=5672), id="empty-vhost-is-slash"),
+        pytest.param("amqp://u:p@host/%2F", dict(vhost="/"), id="encoded-slash-vhost"),
+        pytest.param("amqp://u:p%40ss@host/", dict(password="p@ss"), id="encoded-password"),
+        pytest.param("amqp://host", dict(login="guest", password="guest"), id="guest-by-default"),
+        pytest.param("amqp://u:p@h/?heartbeat=30&connection_attempts=5&blocked_connection_timeout=12.5",
+                     dict(heartbeat=30, connection_attempts=5, blocked_connection_timeout=12.5), id="query-options"),
+        pytest.param("amqps://u:p@h/?ca_certs=/ca.pem&verify=false&server_hostname=rabbit",
+                     dict(ca_file="/ca.pem", verify=False, server_hostname="rabbit"), id="tls-options"),
+    ],
+)
+def test_url_forms_are_read(url, expected):
+    settings = BrokerSettings.from_url(url)
+    for attribute, value in expected.items():
+        assert getattr(settings, attribute) == value, attribute
+
+
+@pytest.mark.parametrize(
+    ("url", "fragment"),
+    [
+        pytest.param("http://host/", "Malformed broker URL", id="wrong-scheme"),
+        pytest.param("amqp://", "Malformed broker URL", id="no-host"),
+        pytest.param("amqp://host:99999/", "Malformed broker URL", id="port-out-of-range"),
+        pytest.param("amqp://host:abc/", "Malformed broker URL", id="port-not-a-number"),
+        pytest.param("amqp://h/?heartbeat=soon", "heartbeat='soon' is not a number", id="bad-number"),
+        pytest.param("amqp://h/?bogus=1", "Unknown broker option 'bogus'", id="unknown-option"),
+        pytest.param("amqp://h/?connection_attempts=0", "must be positive", id="zero-attempts"),
+    ],
+)
+def test_malformed_urls_are_refused_clearly(url, fragment):
+    with pytest.raises(ConfigurationError, match=fragment):
+        BrokerSettings.from_url(url)
+
+
+def test_defaults_bound_every_wait():
+    params = BrokerSettings(host="h").pika_parameters()
+    assert params.blocked_connection_timeout and params.socket_timeout and params.stack_timeout
+    assert params.heartbeat == 60
+    assert params.connection_attempts >= 1
+
+
+def test_password_never_in_repr_or_description():
+    settings = BrokerSettings.from_url("amqp://user:s3cr3t-pw@host/vh")
+    assert "s3cr3t-pw" not in repr(settings)
+    assert "s3cr3t-pw" not in settings.describe()
+    assert "s3cr3t-pw" in settings.url(), "url() is the one place that carries it (for a Secret)"
+
+
+def test_url_can_point_pods_elsewhere():
+    settings = BrokerSettings.from_url("amqp://u:p@localhost:5672/vh")
+    assert settings.url(host="rabbitmq-service", port=5672) == "amqp://u:p@rabbitmq-service:5672/vh"
+    assert BrokerSettings.from_url(settings.url()) == settings
+
+
+def test_tls_parameters_use_the_ca(tmp_path):
+    with pytest.raises(ConfigurationError, match="TLS files"):
+        BrokerSettings.from_url("amqps://u:p@h/?ca_certs=/does/not/exist.pem").pika_parameters()
+    params = BrokerSettings.from_url("amqps://u:p@h/?verify=false").pika_parameters()
+    assert params.ssl_options is not None and params.port == 5671
+
+
+@pytest.mark.parametrize(
+    ("error", "kind", "fragment"),
+    [
+        pytest.param(pika.exceptions.ProbableAuthenticationError("403"), BrokerAuthError, "refused the credentials", id="auth"),
+        pytest.param(pika.exceptions.ProbableAccessDeniedError("530"), BrokerAuthError, "refused vhost", id="vhost"),
+        pytest.param(pika.exceptions.AMQPConnectionError("refused"), BrokerUnreachableError, "did not answer", id="unreachable"),
+        pytest.param(OSError("boom"), BrokerUnreachableError, "did not answer", id="socket"),
+    ],
+)
+def test_pika_errors_are_translated(error, kind, fragment):
+    translated = translate_connect_error(BrokerSettings(host="h", port=1234, password="pw-xyz"), error)
+    assert isinstance(translated, kind) and isinstance(translated, BrokerError)
+    assert not isinstance(translated, pika.exceptions.AMQPError)
+    assert fragment in str(translated) and "h:1234" in str(translated)
+    assert "pw-xyz" not in str(translated)
