@@ -69,7 +69,12 @@ class _ConfirmedPublish:
             on_open_error_callback=self._on_open_error,
             on_close_callback=self._on_connection_closed,
         )
-        self.connection.ioloop.start()
+        try:
+            self.connection.ioloop.start()
+        finally:
+            if not self.connection.is_closed:  # an exception escaped a callback: don't leak the socket
+                self.connection.close()
+                self.connection.ioloop.start()
         if self.error is not None:
             raise self.error
         return PublishResult(self.confirmed, time.monotonic() - self.started)
