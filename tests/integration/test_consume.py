@@ -1,0 +1,129 @@
+"""workqueue-consume on a real queue, and the seed's amqp-consume beside it."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pika
+import pytest
+
+from tests.conftest import REPO, task_context
+from workqueue_provider.amqp.connection import BrokerSettings
+from workqueue_provider.hooks.amqp import AmqpHook
+from workqueue_provider.operators.queue import DeclareQueueOperator, FillQueueOperator
+
+pytestmark = pytest.mark.integration
+CONSUME = str(Path(sys.executable).parent / "workqueue-consume")
+WORKER = [sys.executable, str(REPO / "worker/worker.py")]
+FAIL = ["sh", "-c", "cat >/dev/null; exit 3"]
+
+
+def prepare(queue, items, **declare):
+    DeclareQueueOperator(task_id="d", queue_name=queue, **declare).execute(task_context())
+    FillQueueOperator(task_id="f", queue_name=queue, items=items, allow_empty=True).execute(task_context())
+
+
+def run_consume(broker_url, queue, *args, **env):
+    return subprocess.run([CONSUME, *args], env={**os.environ, "BROKER_URL": broker_url, "QUEUE": queue, **env},
+                          capture_output=True, text=True, timeout=120)
+
+
+def depth(queue):
+    return AmqpHook().queue_depth(queue).messages
+
+
+def test_success_acks_one_item_and_prints_it(amqp_conn, broker_url, queue_name):
+    prepare(queue_name, ["apple", "banana", "cherry"])
+    result = run_consume(broker_url, queue_name, *WORKER)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "Processing apple\n"
+    assert depth(queue_name) == 2
+
+
+def test_failure_requeues_the_item_and_exits_non_zero(amqp_conn, broker_url, queue_name):
+    prepare(queue_name, ["poison"])
+    result = run_consume(broker_url, queue_name, *FAIL)
+    assert result.returncode == 3
+    assert "requeued" in result.stderr
+    connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+    method, _props, body = connection.channel().basic_get(queue_name, auto_ack=True)
+    connection.close()
+    assert body == b"poison" and method.redelivered
+
+
+def test_failure_with_dead_letter_moves_the_item(amqp_conn, broker_url, queue_name):
+    prepare(queue_name, ["poison", "fine"], queue_type="classic", dead_letter_queue=f"{queue_name}.dead")
+    result = run_consume(broker_url, queue_name, "--dead-letter", *FAIL)
+    assert result.returncode == 3 and "dead-lettered" in result.stderr
+    assert depth(queue_name) == 1
+    assert depth(f"{queue_name}.dead") == 1
+
+
+def test_quorum_delivery_limit_dead_letters_a_poison_item(amqp_conn, broker_url, queue_name):
+    prepare(queue_name, ["poison"], delivery_limit=2, dead_letter_queue=f"{queue_name}.dead")
+    codes = [run_consume(broker_url, queue_name, *FAIL).returncode for _ in range(4)]
+    assert codes[:3] == [3, 3, 3], "each attempt fails visibly"
+    assert codes[3] == 0, "after the limit the item is gone from the work queue"
+    assert depth(queue_name) == 0
+    assert depth(f"{queue_name}.dead") == 1
+
+
+def test_empty_queue_exits_zero_without_waiting(amqp_conn, broker_url, queue_name):
+    prepare(queue_name, [])
+    result = run_consume(broker_url, queue_name, *WORKER)
+    assert result.returncode == 0
+    assert result.stdout == "" and "is empty" in result.stderr
+
+
+def test_drain_takes_every_item_in_one_process(amqp_conn, broker_url, queue_name):
+    items = [f"item-{i}" for i in range(25)]
+    prepare(queue_name, items)
+    result = run_consume(broker_url, queue_name, "--drain", *WORKER)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"Processing {item}" for item in items]
+    assert depth(queue_name) == 0
+
+
+def test_max_items_from_the_environment(amqp_conn, broker_url, queue_name):
+    prepare(queue_name, [str(i) for i in range(10)])
+    result = run_consume(broker_url, queue_name, *WORKER, WORKQUEUE_MAX_ITEMS="4")
+    assert len(result.stdout.splitlines()) == 4
+    assert depth(queue_name) == 6
+
+
+def test_missing_queue_fails_clearly(broker_url, queue_name):
+    result = run_consume(broker_url, queue_name, *WORKER)
+    assert result.returncode == 69
+    assert "404" in result.stderr and queue_name in result.stderr
+
+
+def test_sigterm_while_working_puts_the_item_back(amqp_conn, broker_url, queue_name):
+    prepare(queue_name, ["slow"])
+    process = subprocess.Popen([CONSUME, "sh", "-c", "cat >/dev/null; sleep 30"],
+                               env={**os.environ, "BROKER_URL": broker_url, "QUEUE": queue_name},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while AmqpHook().queue_depth(queue_name).messages and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    _out, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert "goes back to the queue" in err
+    deadline = time.monotonic() + 30
+    while depth(queue_name) != 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert depth(queue_name) == 1
+
+
+def test_seed_amqp_consume_exits_zero_when_the_worker_fails(amqp_conn, broker_url, queue_name):
+    """The flaw workqueue-consume fixes (REFERENCE section 2): the pod would succeed, the item stays."""
+    prepare(queue_name, ["poison"], queue_type="classic")
+    url = BrokerSettings.from_url(broker_url).url()  # amqp-tools reads a bare trailing '/' as vhost ''
+    result = subprocess.run(["amqp-consume", f"--url={url}", "-q", queue_name, "-c", "1", "--", *FAIL],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    time.sleep(0.5)
+    assert depth(queue_name) == 1
