@@ -165,7 +165,7 @@ def _generate_pki(d: Path) -> None:
                                            serialization.NoEncryption()))
         path.chmod(0o600)
 
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "workqueue-local-ca")])
     ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
@@ -229,7 +229,7 @@ class LocalCluster:
         self._started = False
 
     # -- context manager
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> LocalCluster:
         self.start()
         return self
 
@@ -255,7 +255,7 @@ class LocalCluster:
         return self.workdir / "node" / "logs"
 
     # -- start
-    def start(self) -> "LocalCluster":
+    def start(self) -> LocalCluster:
         if self._started:
             return self
         t0 = time.monotonic()

@@ -82,11 +82,11 @@ POD_IP = "127.0.0.1"
 
 
 def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def parse_time(value: str) -> float:
-    return dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc).timestamp()
+    return dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC).timestamp()
 
 
 # ---------------------------------------------------------------- expansion
@@ -130,7 +130,10 @@ class ConfigError(Exception):
 
 class Api:
     def __init__(self, kubeconfig: str):
-        self.client = k8s_config.new_client_from_config(config_file=kubeconfig)
+        conf = k8s.Configuration()
+        k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=conf)
+        conf.connection_pool_maxsize = 64
+        self.client = k8s.ApiClient(conf)
         self.core = k8s.CoreV1Api(self.client)
         self.coord = k8s.CoordinationV1Api(self.client)
 
@@ -317,7 +320,7 @@ def group_alive(pgid: int) -> bool:
 
 
 class PodWorker(threading.Thread):
-    def __init__(self, agent: "Agent", pod: dict):
+    def __init__(self, agent: Agent, pod: dict):
         md = pod["metadata"]
         super().__init__(name=f"pod-{md['namespace']}/{md['name']}", daemon=True)
         self.agent = agent
@@ -434,7 +437,10 @@ class PodWorker(threading.Thread):
         cwd = spec.get("workingDir") or self.fill((entry or {}).get("workingDir", ""), ph)
         if not cwd or not os.path.isdir(cwd):
             cwd = str(self.pod_dir)
+        # markers that let the launcher find leftover processes (see local_cluster.py)
         env["WORKQUEUE_CLUSTER_ID"] = self.agent.cluster_id
+        if "WORKQUEUE_CLUSTER_OWNER" in os.environ:
+            env["WORKQUEUE_CLUSTER_OWNER"] = os.environ["WORKQUEUE_CLUSTER_OWNER"]
         return argv, env, cwd
 
     def start_container(self, c: Container) -> None:
@@ -747,7 +753,7 @@ class PodWorker(threading.Thread):
                 self.kill_all(0)
                 self.phase = "Failed"
                 self.reason = "DeadlineExceeded"
-                self.message = f"Pod was active on the node longer than the specified deadline"
+                self.message = "Pod was active on the node longer than the specified deadline"
                 self.push_status()
                 continue
             # init containers in order, then the rest together
@@ -775,7 +781,7 @@ class PodWorker(threading.Thread):
 # ---------------------------------------------------------------- log server
 
 class LogHandler(http.server.BaseHTTPRequestHandler):
-    agent: "Agent"
+    agent: Agent
     protocol_version = "HTTP/1.1"
 
     def log_message(self, fmt, *args):  # quiet
@@ -944,7 +950,7 @@ class Agent:
             body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                     "metadata": {"name": self.node_name, "namespace": ns},
                     "spec": {"holderIdentity": self.node_name, "leaseDurationSeconds": 40,
-                             "renewTime": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")}}
+                             "renewTime": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")}}
             try:
                 try:
                     cur = Api.data(self.api.coord.read_namespaced_lease(self.node_name, ns, _preload_content=False))

@@ -12,10 +12,10 @@ from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 
 from tests.cluster.images import normalize
-from tests.cluster.local_cluster import MARK_ID, LocalCluster, marked_pids, pid_alive
+from tests.cluster.local_cluster import MARK_ID, LocalCluster, free_port, marked_pids, pid_alive
 from tests.cluster.node_agent import expand
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(120)]
 
 
 def wait_for(fn, timeout=60.0, interval=0.2, what="condition"):
@@ -205,7 +205,7 @@ def test_ttl_after_finished_removes_job(batch, ns):
 # ------------------------------------------------------------------ pods
 
 def test_statefulset_pod_runs_and_is_ready(core, api, ns):
-    port = 20000 + int(uuid.uuid4().int % 20000)
+    port = free_port()
     core.create_namespaced_service(ns, {"metadata": {"name": "web"}, "spec": {
         "clusterIP": "None", "selector": {"app": "web"}, "ports": [{"port": port}]}})
     apps = client.AppsV1Api(api)
@@ -214,7 +214,7 @@ def test_statefulset_pod_runs_and_is_ready(core, api, ns):
         "spec": {"serviceName": "web", "replicas": 1, "selector": {"matchLabels": {"app": "web"}},
                  "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{
                      "name": "http", "image": "python:3.11",
-                     "args": ["-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                     "command": ["python3", "-m", "http.server", str(port), "--bind", "127.0.0.1"],
                      "ports": [{"name": "http", "containerPort": port}],
                      "readinessProbe": {"tcpSocket": {"port": "http"}, "periodSeconds": 1},
                  }]}}},
@@ -260,7 +260,9 @@ def test_env_resolution_reaches_the_process(local_cluster, core, ns):
     assert local_cluster.read_pod_log(ns, "envpod", "main") == expected
     assert local_cluster.read_pod_log(ns, "envpod", "greeter") == f"greeter in {ns}/envpod: hi\n"
     # the same logs through the API (pods/log served by the node agent) and kubectl
-    assert core.read_namespaced_pod_log("envpod", ns, container="main") == expected
+    # (kubernetes-client 36 returns str(bytes) unless _preload_content=False: a client quirk, real clusters too)
+    resp = core.read_namespaced_pod_log("envpod", ns, container="main", _preload_content=False)
+    assert resp.data.decode() == expected
     assert local_cluster.kubectl("logs", "-n", ns, "envpod", "-c", "greeter").stdout == f"greeter in {ns}/envpod: hi\n"
 
 
