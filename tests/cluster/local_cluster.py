@@ -23,6 +23,7 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import base64
 import datetime as dt
 import ipaddress
 import json
@@ -476,10 +477,11 @@ class LocalCluster:
     def kubeconfig_for(self, user: str, path: str | os.PathLike | None = None) -> Path:
         """Write a kubeconfig authenticating as ``user`` (default: <workdir>/kubeconfig-<user>)."""
         path = Path(path) if path else self.workdir / f"kubeconfig-{user}"
+        ca_data = base64.b64encode(Path(self.ca_path).read_bytes()).decode()  # self-contained file
         cfg = {
             "apiVersion": "v1", "kind": "Config",
             "clusters": [{"name": "workqueue-local",
-                          "cluster": {"server": self.server, "certificate-authority": self.ca_path}}],
+                          "cluster": {"server": self.server, "certificate-authority-data": ca_data}}],
             "users": [{"name": user, "user": {"token": self.tokens[user]}}],
             "contexts": [{"name": f"{user}@workqueue-local",
                           "context": {"cluster": "workqueue-local", "user": user, "namespace": "default"}}],

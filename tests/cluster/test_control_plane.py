@@ -127,6 +127,7 @@ def test_job_completions_and_parallelism(local_cluster, core, batch, ns):
     stop.set()
     assert job.status.succeeded == 8
     assert condition(job, "SuccessCriteriaMet") is not None
+    print("max pods running at once:", max_running[0])
     assert 1 <= max_running[0] <= 2, max_running[0]
     pods = core.list_namespaced_pod(ns, label_selector="job-name=items").items
     printed = sorted(local_cluster.read_pod_log(ns, p.metadata.name).strip() for p in pods
