@@ -7,6 +7,8 @@ __version__ = "0.1.0"
 
 def get_provider_info() -> dict:
     """What Airflow's providers manager reads through the ``apache_airflow_provider`` entry point."""
+    from workqueue_provider import connection_form
+
     return {
         "package-name": "airflow-provider-workqueue",
         "name": "Work queue (RabbitMQ + Kubernetes Jobs)",
@@ -14,8 +16,17 @@ def get_provider_info() -> dict:
         "following Kubernetes' coarse-parallel work-queue pattern.",
         "versions": [__version__],
         "connection-types": [
-            {"connection-type": "amqp", "hook-class-name": "workqueue_provider.hooks.amqp.AmqpHook"},
-            {"connection-type": "amqps", "hook-class-name": "workqueue_provider.hooks.amqp.AmqpsHook"},
+            {
+                "connection-type": conn_type,
+                "hook-class-name": f"workqueue_provider.hooks.amqp.{hook}",
+                "hook-name": name,
+                "conn-fields": connection_form.conn_fields(),
+                "ui-field-behaviour": connection_form.ui_field_behaviour(),
+            }
+            for conn_type, hook, name in (
+                ("amqp", "AmqpHook", "AMQP (RabbitMQ)"),
+                ("amqps", "AmqpsHook", "AMQP over TLS (RabbitMQ)"),
+            )
         ],
         "hook-class-names": ["workqueue_provider.hooks.amqp.AmqpHook"],
         "operators": [

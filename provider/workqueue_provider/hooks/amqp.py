@@ -13,21 +13,8 @@ from workqueue_provider.amqp import queues
 from workqueue_provider.amqp.connection import BrokerSettings, open_connection
 from workqueue_provider.amqp.publisher import DEFAULT_WINDOW, ProgressCallback, PublishResult, publish
 from workqueue_provider.amqp.queues import QueueDepth, QueueSpec
+from workqueue_provider.connection_form import EXTRA_FIELDS, UI_BEHAVIOUR
 from workqueue_provider.exceptions import WorkQueueError
-
-# Connection extras (also accepted as URI query parameters) and their form labels.
-_EXTRA_FIELDS = {
-    "ca_certs": "TLS CA certificate file",
-    "certfile": "TLS client certificate file",
-    "keyfile": "TLS client key file",
-    "server_hostname": "TLS server name (SNI / hostname check)",
-    "heartbeat": "Heartbeat (s)",
-    "blocked_connection_timeout": "Blocked connection timeout (s)",
-    "connection_attempts": "Connection attempts",
-    "retry_delay": "Retry delay (s)",
-    "socket_timeout": "Socket timeout (s)",
-}
-
 
 class AmqpHook(BaseHook):
     """Talks to RabbitMQ through pika. Nothing connects until a method is called; each call opens
@@ -50,39 +37,22 @@ class AmqpHook(BaseHook):
 
     @classmethod
     def get_connection_form_widgets(cls) -> dict[str, Any]:
+        """Classic (Flask) connection form; Airflow >= 3.2 reads the same fields from provider info."""
         from flask_appbuilder.fieldwidgets import BS3TextFieldWidget
         from flask_babel import lazy_gettext
-        from wtforms import BooleanField, IntegerField, StringField
-        from wtforms.validators import NumberRange, Optional
+        from wtforms import BooleanField, StringField
 
-        widgets: dict[str, Any] = {
-            "ssl": BooleanField(lazy_gettext("Use TLS (amqps)"), default=False),
-            "verify": BooleanField(lazy_gettext("Verify the server certificate"), default=True),
-        }
-        for name, label in _EXTRA_FIELDS.items():
-            if name in ("heartbeat", "connection_attempts"):
-                widgets[name] = IntegerField(lazy_gettext(label), validators=[Optional(), NumberRange(min=0)],
-                                             widget=BS3TextFieldWidget())
+        widgets: dict[str, Any] = {}
+        for name, (label, kind, default) in EXTRA_FIELDS.items():
+            if kind == "boolean":
+                widgets[name] = BooleanField(lazy_gettext(label), default=default)
             else:
                 widgets[name] = StringField(lazy_gettext(label), widget=BS3TextFieldWidget())
         return widgets
 
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
-        return {
-            "hidden_fields": ["extra"],
-            "relabeling": {"schema": "Virtual host", "login": "Username"},
-            "placeholders": {
-                "host": "rabbitmq-service.default.svc or localhost",
-                "port": "5672 (amqp) or 5671 (amqps)",
-                "schema": "/",
-                "login": "guest",
-                "ca_certs": "/etc/ssl/rabbitmq/ca.pem",
-                "heartbeat": "60",
-                "blocked_connection_timeout": "60",
-                "connection_attempts": "3",
-            },
-        }
+        return dict(UI_BEHAVIOUR)
 
     @cached_property
     def settings(self) -> BrokerSettings:
