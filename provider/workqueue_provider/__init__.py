@@ -32,8 +32,11 @@ def get_provider_info() -> dict:
         "operators": [
             {
                 "integration-name": "Work queue",
-                "python-modules": ["workqueue_provider.operators.queue"],
+                "python-modules": ["workqueue_provider.operators.queue", "workqueue_provider.operators.broker",
+                                   "workqueue_provider.operators.job"],
             }
         ],
+        "sensors": [{"integration-name": "Work queue", "python-modules": ["workqueue_provider.sensors.job"]}],
+        "triggers": [{"integration-name": "Work queue", "python-modules": ["workqueue_provider.triggers.job"]}],
         "extra-links": [],
     }

@@ -1,0 +1,102 @@
+"""What a finished Job means: one place that turns a Job's final state into a summary or an error.
+
+Used by QueueJobOperator and JobCompleteSensor. A Complete Job doesn't prove the work was done
+(``amqp-consume`` exits 0 when the worker fails), so success is verified against the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from workqueue_provider.exceptions import JobError, QueueNotFoundError
+from workqueue_provider.hooks.amqp import AmqpHook
+from workqueue_provider.hooks.jobs import JobsHook
+from workqueue_provider.kube.job_status import JobAssessment, JobPhase, assess
+
+
+@dataclass(frozen=True)
+class Verification:
+    """Which queue to check after the Job completes (``queue_name=None`` turns the check off)."""
+
+    amqp_conn_id: str
+    queue_name: str | None
+    dead_letter_queue: str | None = None
+    fail_on_dead_letters: bool = True
+
+
+def conclude(job: dict[str, Any], jobs: JobsHook, verification: Verification, log: logging.Logger) -> dict[str, Any]:
+    """Return the run's summary for a Complete Job, or raise :class:`JobError` saying why it failed."""
+    name, namespace = job["metadata"]["name"], job["metadata"]["namespace"]
+    verdict = assess(job)
+    if verdict.phase is JobPhase.RUNNING:
+        raise JobError(f"Job {namespace}/{name} has not finished ({verdict.progress()}).")
+    if verdict.phase is JobPhase.FAILED:
+        details = jobs.failed_pod_details(name, namespace)
+        raise JobError(
+            f"Job {namespace}/{name} failed: {verdict.reason}: {verdict.message} ({verdict.progress()})."
+            + ("".join(f"\n  - {line}" for line in details) if details else "")
+        )
+    summary = _summary(job, verdict)
+    log.info("Job %s/%s is Complete: %s, in %s s.", namespace, name, verdict.progress(), summary["duration_seconds"])
+    if verification.queue_name:
+        summary.update(_verify_queue(name, verification, log))
+    return summary
+
+
+def finish_from_event(event: dict[str, Any], jobs: JobsHook, verification: Verification, log: logging.Logger) -> dict[str, Any]:
+    """Turn a JobCompleteTrigger event into the summary (or the error), reading the Job's final state."""
+    if event["status"] in ("timeout", "error"):
+        raise JobError(event["message"])
+    job = jobs.get_job(event["job_name"], event["namespace"])
+    if job is None:
+        raise JobError(f"Job {event['namespace']}/{event['job_name']} vanished before its result could be read.")
+    return conclude(job, jobs, verification, log)
+
+
+def _verify_queue(job_name: str, verification: Verification, log: logging.Logger) -> dict[str, Any]:
+    amqp = AmqpHook(amqp_conn_id=verification.amqp_conn_id)
+    queue = verification.queue_name
+    assert queue is not None
+    try:
+        left = amqp.queue_depth(queue).messages
+    except QueueNotFoundError as e:
+        raise JobError(f"Job {job_name} completed, but its queue {queue!r} is gone, so the work can't be verified.") from e
+    dead = amqp.queue_depth(verification.dead_letter_queue).messages if verification.dead_letter_queue else 0
+    if left:
+        raise JobError(
+            f"Job {job_name} is Complete but {left} item(s) are still in queue {queue!r}: some workers exited 0 "
+            "without processing their item (amqp-consume does that when the worker fails) or completions was "
+            "lower than the number of items. Check the worker logs; use workqueue-consume to make failures visible."
+        )
+    if dead:
+        message = (f"{dead} item(s) of Job {job_name} were dead-lettered into queue "
+                   f"{verification.dead_letter_queue!r} after failing; the other items were processed.")
+        if verification.fail_on_dead_letters:
+            raise JobError(message + " Inspect them there, fix the worker, and move them back to retry.")
+        log.warning(message)
+    log.info("Verified: queue %r is empty%s.", queue,
+             f", {dead} item(s) in {verification.dead_letter_queue!r}" if verification.dead_letter_queue else "")
+    return {"items_left": 0, "dead_lettered": dead, "dead_letter_queue": verification.dead_letter_queue}
+
+
+def _summary(job: dict[str, Any], verdict: JobAssessment) -> dict[str, Any]:
+    status = job.get("status") or {}
+    started, finished = status.get("startTime"), status.get("completionTime")
+    duration = None
+    if started and finished:
+        duration = (_parse_time(finished) - _parse_time(started)).total_seconds()
+    return {
+        "job_name": job["metadata"]["name"],
+        "namespace": job["metadata"]["namespace"],
+        "succeeded": verdict.succeeded,
+        "failed": verdict.failed,
+        "completions": verdict.completions,
+        "duration_seconds": duration,
+    }
+
+
+def _parse_time(value: Any) -> datetime:
+    return value if isinstance(value, datetime) else datetime.fromisoformat(str(value).replace("Z", "+00:00"))

@@ -1,0 +1,154 @@
+"""JobsHook: the Kubernetes calls the Job side needs, through the cncf provider's KubernetesHook.
+
+Objects travel as plain dicts in the API's camelCase JSON form, the same shape a watch delivers,
+so :func:`workqueue_provider.kube.job_status.assess` reads both. ``ApiException`` never leaks out:
+:func:`api_error` turns it into an error that says what was refused and what to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from functools import cached_property
+from typing import Any
+
+from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+from kubernetes.client import ApiException, BatchV1Api, CoreV1Api
+
+from workqueue_provider.exceptions import ConfigurationError, JobError, WorkQueueError
+from workqueue_provider.kube.job_manifest import owner_reference
+
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+
+
+def api_error(error: ApiException, action: str, namespace: str) -> WorkQueueError:
+    """Translate an API refusal; ``action`` reads like "create Job 'x'"."""
+    status = getattr(error, "status", None)
+    if status == 403:
+        return ConfigurationError(
+            f"Kubernetes refused to {action} in namespace {namespace!r} (403 Forbidden): the identity of the "
+            "kubernetes connection lacks RBAC rights there; bind it to the Role in deploy/rbac.yaml."
+        )
+    if status == 401:
+        return ConfigurationError(f"Kubernetes rejected the credentials of the kubernetes connection (401) while trying to {action}.")
+    if status == 404 and "namespaces" in (error.body or "") and "not found" in (error.body or ""):
+        return ConfigurationError(f"Namespace {namespace!r} does not exist: create it or set namespace= to an existing one.")
+    if status == 422:
+        return ConfigurationError(f"Kubernetes refused to {action}: the manifest is invalid: {_message(error)}")
+    return JobError(f"Kubernetes failed to {action} in namespace {namespace!r}: {status} {_message(error)}")
+
+
+def _message(error: ApiException) -> str:
+    import json
+
+    try:
+        return json.loads(error.body).get("message", error.reason)
+    except (TypeError, ValueError):
+        return str(error.reason)
+
+
+class JobsHook:
+    """Sync Job, Secret and pod calls for one kubernetes connection. Nothing connects in ``__init__``."""
+
+    def __init__(self, kubernetes_conn_id: str = KubernetesHook.default_conn_name) -> None:
+        self.kubernetes_conn_id = kubernetes_conn_id
+
+    @cached_property
+    def kube(self) -> KubernetesHook:
+        return KubernetesHook(conn_id=self.kubernetes_conn_id)
+
+    @cached_property
+    def batch(self) -> BatchV1Api:
+        return BatchV1Api(self.kube.api_client)
+
+    @cached_property
+    def core(self) -> CoreV1Api:
+        return CoreV1Api(self.kube.api_client)
+
+    def as_dict(self, obj: Any) -> dict[str, Any]:
+        return self.kube.api_client.sanitize_for_serialization(obj)
+
+    def get_job(self, name: str, namespace: str) -> dict[str, Any] | None:
+        try:
+            return self.as_dict(self.batch.read_namespaced_job(name, namespace))
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise api_error(e, f"read Job {name!r}", namespace) from e
+
+    def create_job(self, job: dict[str, Any]) -> dict[str, Any]:
+        namespace = job["metadata"]["namespace"]
+        try:
+            return self.as_dict(self.batch.create_namespaced_job(namespace, job))
+        except ApiException as e:
+            raise api_error(e, f"create Job {job['metadata']['name']!r}", namespace) from e
+
+    def delete_job(self, name: str, namespace: str) -> bool:
+        """Delete with Background propagation, so the garbage collector removes its pods (and Secret)."""
+        try:
+            self.batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
+            return True
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            raise api_error(e, f"delete Job {name!r}", namespace) from e
+
+    def apply_secret(self, secret: dict[str, Any]) -> None:
+        """Create the Secret, or replace the data of an existing one with the same name."""
+        name, namespace = secret["metadata"]["name"], secret["metadata"]["namespace"]
+        try:
+            self.core.create_namespaced_secret(namespace, secret)
+        except ApiException as e:
+            if e.status != 409:
+                raise api_error(e, f"create Secret {name!r}", namespace) from e
+            try:
+                self.core.patch_namespaced_secret(name, namespace, {"stringData": secret["stringData"]})
+            except ApiException as e2:
+                raise api_error(e2, f"update Secret {name!r}", namespace) from e2
+
+    def adopt_secret(self, secret_name: str, job: dict[str, Any]) -> None:
+        """Make the Job own the Secret, so deleting the Job deletes it too."""
+        namespace = job["metadata"]["namespace"]
+        body = {"metadata": {"ownerReferences": [owner_reference(job)]}}
+        try:
+            self.core.patch_namespaced_secret(secret_name, namespace, body)
+        except ApiException as e:
+            raise api_error(e, f"set the owner of Secret {secret_name!r}", namespace) from e
+
+    def delete_secret(self, name: str, namespace: str) -> None:
+        with contextlib.suppress(ApiException):
+            self.core.delete_namespaced_secret(name, namespace)
+
+    def job_pods(self, name: str, namespace: str) -> list[dict[str, Any]]:
+        try:
+            pods = self.core.list_namespaced_pod(namespace, label_selector=f"{JOB_NAME_LABEL}={name}")
+        except ApiException as e:
+            raise api_error(e, f"list the pods of Job {name!r}", namespace) from e
+        return [self.as_dict(pod) for pod in pods.items]
+
+    def pod_log_tail(self, pod: str, namespace: str, lines: int = 10) -> str:
+        """The last lines a pod printed, or "" when the logs are unavailable."""
+        try:
+            response = self.core.read_namespaced_pod_log(pod, namespace, tail_lines=lines, _preload_content=False)
+            return response.data.decode(errors="replace").strip()
+        except (ApiException, OSError, ValueError):
+            return ""
+
+    def failed_pod_details(self, name: str, namespace: str, *, limit: int = 3) -> list[str]:
+        """One line per failed pod: exit code, restarts, and the tail of its log."""
+        details = []
+        for pod in self.job_pods(name, namespace):
+            for status in (pod.get("status") or {}).get("containerStatuses") or []:
+                terminated = (status.get("state") or {}).get("terminated") or \
+                    (status.get("lastState") or {}).get("terminated")
+                if not terminated or terminated.get("exitCode") == 0:
+                    continue
+                pod_name = pod["metadata"]["name"]
+                tail = self.pod_log_tail(pod_name, namespace)
+                details.append(
+                    f"pod {pod_name} exited {terminated.get('exitCode')} ({terminated.get('reason', 'Error')}, "
+                    f"{status.get('restartCount', 0)} restarts)" + (f"; last output: {tail[-500:]!r}" if tail else "")
+                )
+                break
+            if len(details) >= limit:
+                break
+        return details

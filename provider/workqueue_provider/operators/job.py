@@ -1,0 +1,253 @@
+"""QueueJobOperator: run the seed's Job against a filled queue, and (by default) wait for it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowSkipException
+
+from workqueue_provider.completion import Verification, finish_from_event
+from workqueue_provider.exceptions import ConfigurationError
+from workqueue_provider.hooks.amqp import AmqpHook
+from workqueue_provider.hooks.jobs import JobsHook
+from workqueue_provider.kube.job_manifest import (
+    SPEC_HASH_ANNOTATION,
+    JobOptions,
+    build_job,
+    build_secret,
+    completions_for,
+    job_name_for,
+)
+from workqueue_provider.kube.job_status import assess
+from workqueue_provider.triggers.job import JobCompleteTrigger
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+_INT_FIELDS = ("parallelism", "completions", "items_per_pod", "backoff_limit", "active_deadline_seconds",
+               "ttl_seconds_after_finished")
+
+
+class QueueJobOperator(BaseOperator):
+    """Create a batch/v1 Job whose pods take items from ``queue_name``, then wait until it is Complete
+    and the queue is empty.
+
+    * completions default to the number of items in the queue at launch (one pod per item), or to
+      ``ceil(items / items_per_pod)``; ``items_per_pod=None`` is drain mode (completions unset, each
+      pod takes items until the queue is empty; needs ``workqueue-consume`` in the image). An empty
+      queue skips the task without creating a Job.
+    * pods get ``BROKER_URL`` from a Secret the Job owns (``secretKeyRef``) and ``QUEUE`` in plain;
+      ``pod_broker_host``/``pod_broker_port`` let pods reach the broker at an in-cluster Service
+      name while Airflow uses another address.
+    * the Job is named from the DAG, task and run (``job_name`` sets a prefix), so an Airflow retry
+      re-attaches to the Job of the earlier attempt instead of creating a second one.
+    * waiting defers to :class:`JobCompleteTrigger` (a watch; no worker slot held); killing the
+      deferred task deletes the Job with Background propagation.
+
+    Templated: image, queue_name, namespace, job_name, pod_broker_host, parallelism, completions,
+    items_per_pod, command, args, env, labels, annotations.
+
+    :return: with ``wait_for_completion``: the summary (job_name, namespace, succeeded, failed,
+        duration_seconds, items_left, dead_lettered); otherwise ``{"job_name", "namespace"}``.
+    """
+
+    template_fields: Sequence[str] = ("image", "queue_name", "namespace", "job_name", "pod_broker_host",
+                                      "parallelism", "completions", "items_per_pod", "command", "args", "env",
+                                      "labels", "annotations")
+    ui_color = "#d6eaff"
+
+    def __init__(
+        self, *, image: str, queue_name: str, namespace: str = "default", job_name: str | None = None,
+        parallelism: int = 2, completions: int | None = None, items_per_pod: int | None = 1,
+        command: list[str] | None = None, args: list[str] | None = None, env: dict[str, str] | None = None,
+        restart_policy: str = "OnFailure", backoff_limit: int | None = None,
+        active_deadline_seconds: int | None = None, ttl_seconds_after_finished: int | None = None,
+        pod_failure_policy: dict[str, Any] | None = None, container_resources: dict[str, Any] | None = None,
+        node_selector: dict[str, str] | None = None, tolerations: list[dict[str, Any]] | None = None,
+        service_account_name: str | None = None, image_pull_secrets: list[str] | None = None,
+        labels: dict[str, str] | None = None, annotations: dict[str, str] | None = None,
+        pod_template: dict[str, Any] | None = None, job_template: dict[str, Any] | None = None,
+        pod_broker_host: str | None = None, pod_broker_port: int | None = None,
+        wait_for_completion: bool = True, deferrable: bool = True, timeout: float = 24 * 3600,
+        poll_interval: float = 5.0, verify_queue: bool = True, dead_letter_queue: str | None = None,
+        fail_on_dead_letters: bool = True, delete_on_kill: bool = True,
+        kubernetes_conn_id: str = KubernetesHook.default_conn_name,
+        amqp_conn_id: str = AmqpHook.default_conn_name, **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.image = image
+        self.queue_name = queue_name
+        self.namespace = namespace
+        self.job_name = job_name
+        self.parallelism = parallelism
+        self.completions = completions
+        self.items_per_pod = items_per_pod
+        self.command = command
+        self.args = args
+        self.env = env
+        self.restart_policy = restart_policy
+        self.backoff_limit = backoff_limit
+        self.active_deadline_seconds = active_deadline_seconds
+        self.ttl_seconds_after_finished = ttl_seconds_after_finished
+        self.pod_failure_policy = pod_failure_policy
+        self.container_resources = container_resources
+        self.node_selector = node_selector
+        self.tolerations = tolerations
+        self.service_account_name = service_account_name
+        self.image_pull_secrets = image_pull_secrets
+        self.labels = labels
+        self.annotations = annotations
+        self.pod_template = pod_template
+        self.job_template = job_template
+        self.pod_broker_host = pod_broker_host
+        self.pod_broker_port = pod_broker_port
+        self.wait_for_completion = wait_for_completion
+        self.deferrable = deferrable
+        self.timeout = timeout
+        self.poll_interval = poll_interval
+        self.verify_queue = verify_queue
+        self.dead_letter_queue = dead_letter_queue
+        self.fail_on_dead_letters = fail_on_dead_letters
+        self.delete_on_kill = delete_on_kill
+        self.kubernetes_conn_id = kubernetes_conn_id
+        self.amqp_conn_id = amqp_conn_id
+        self._launched: tuple[str, str] | None = None
+
+    @cached_property
+    def jobs(self) -> JobsHook:
+        return JobsHook(self.kubernetes_conn_id)
+
+    @cached_property
+    def amqp(self) -> AmqpHook:
+        return AmqpHook(amqp_conn_id=self.amqp_conn_id)
+
+    @property
+    def verification(self) -> Verification:
+        return Verification(self.amqp_conn_id, self.queue_name if self.verify_queue else None,
+                            self.dead_letter_queue, self.fail_on_dead_letters)
+
+    def job_options(self) -> JobOptions:
+        """The validated options (raises ConfigurationError before anything is created)."""
+        ints = {name: _as_int(getattr(self, name), name) for name in _INT_FIELDS}
+        return JobOptions(
+            image=self.image, queue_name=self.queue_name, namespace=self.namespace, command=self.command,
+            args=self.args, restart_policy=self.restart_policy, pod_failure_policy=self.pod_failure_policy,
+            resources=self.container_resources, node_selector=self.node_selector, tolerations=self.tolerations,
+            service_account_name=self.service_account_name, image_pull_secrets=self.image_pull_secrets,
+            env=self.env, labels=dict(self.labels or {}), annotations=dict(self.annotations or {}),
+            pod_template=self.pod_template, job_template=self.job_template, **ints,
+        )
+
+    def resolve_job_name(self, context: Context) -> str:
+        ti = context["ti"]
+        return job_name_for(ti.dag_id, ti.task_id, context["run_id"], getattr(ti, "map_index", -1), self.job_name or None)
+
+    def execute(self, context: Context) -> dict[str, Any] | None:
+        options = self.job_options()
+        name = self.resolve_job_name(context)
+        pod_url = self.amqp.settings.url(host=self.pod_broker_host, port=_as_int(self.pod_broker_port, "pod_broker_port"))
+        existing = self.jobs.get_job(name, options.namespace)
+        if existing is not None:
+            self._reattach(existing, options)
+        else:
+            self._launch(name, options, pod_url)
+        self._launched = (name, options.namespace)
+        if not self.wait_for_completion:
+            return {"job_name": name, "namespace": options.namespace}
+        if not self.deferrable:
+            return self._wait_here(name, options.namespace)
+        self.defer(
+            trigger=JobCompleteTrigger(job_name=name, namespace=options.namespace,
+                                       kubernetes_conn_id=self.kubernetes_conn_id,
+                                       deadline=time.time() + float(self.timeout), delete_on_kill=self.delete_on_kill),
+            method_name="execute_complete",
+            timeout=timedelta(seconds=float(self.timeout)),
+        )
+
+    def _reattach(self, job: dict[str, Any], options: JobOptions) -> None:
+        name = job["metadata"]["name"]
+        found = (job["metadata"].get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
+        if found != options.fingerprint():
+            raise ConfigurationError(
+                f"Job {options.namespace}/{name} already exists with a different spec (it was not created by this "
+                "task with these arguments): delete it, or set job_name to another prefix."
+            )
+        self.log.info("Re-attaching to Job %s/%s from an earlier attempt (%s); not creating another.",
+                      options.namespace, name, assess(job).progress())
+
+    def _launch(self, name: str, options: JobOptions, pod_url: str) -> None:
+        depth = self.amqp.queue_depth(options.queue_name)
+        if depth.messages == 0:
+            raise AirflowSkipException(f"Queue {options.queue_name!r} is empty: no Job created.")
+        if options.completions is not None and options.items_per_pod is not None:
+            capacity = options.completions * options.items_per_pod
+            if capacity < depth.messages:
+                raise ConfigurationError(
+                    f"completions={options.completions} (x items_per_pod={options.items_per_pod}) is lower than the "
+                    f"{depth.messages} items in queue {options.queue_name!r}: {depth.messages - capacity} items would "
+                    "never be processed. Leave completions unset to derive it from the queue."
+                )
+            if capacity > depth.messages:
+                self.log.warning(
+                    "completions=%d but queue %r holds %d items: %d pods will find the queue empty "
+                    "(workqueue-consume exits 0; the seed's amqp-consume would block forever).",
+                    options.completions, options.queue_name, depth.messages, capacity - depth.messages)
+        completions = completions_for(options, depth.messages)
+        secret_name = f"{name}-broker"
+        job = build_job(name, options, completions=completions, secret_name=secret_name)
+        self.jobs.apply_secret(build_secret(secret_name, options.namespace, pod_url))
+        try:
+            created = self.jobs.create_job(job)
+        except Exception:
+            self.jobs.delete_secret(secret_name, options.namespace)
+            raise
+        self.jobs.adopt_secret(secret_name, created)
+        self.log.info("Created Job %s/%s: %s items in queue %r, completions %s, parallelism %d.",
+                      options.namespace, name, depth.messages, options.queue_name,
+                      completions if completions is not None else "unset (drain mode)", options.parallelism)
+
+    def _wait_here(self, name: str, namespace: str) -> dict[str, Any]:
+        """Wait in the worker (deferrable=False): the same assessment, polled."""
+        deadline = time.monotonic() + float(self.timeout)
+        last = None
+        while True:
+            job = self.jobs.get_job(name, namespace)
+            if job is None:
+                return finish_from_event({"status": "error", "message": f"Job {namespace}/{name} was deleted.",
+                                          "job_name": name, "namespace": namespace}, self.jobs, self.verification, self.log)
+            verdict = assess(job)
+            if verdict.progress() != last:
+                last = verdict.progress()
+                self.log.info("Job %s/%s: %s", namespace, name, last)
+            if verdict.done:
+                return finish_from_event({"status": verdict.phase.value, "job_name": name, "namespace": namespace},
+                                         self.jobs, self.verification, self.log)
+            if time.monotonic() > deadline:
+                return finish_from_event({"status": "timeout", "message": f"Job {namespace}/{name} timed out.",
+                                          "job_name": name, "namespace": namespace}, self.jobs, self.verification, self.log)
+            time.sleep(self.poll_interval)
+
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
+        return finish_from_event(event, self.jobs, self.verification, self.log)
+
+    def on_kill(self) -> None:
+        """Killed while waiting in the worker: delete the Job (the trigger handles the deferred case)."""
+        if self._launched and self.delete_on_kill:
+            self.jobs.delete_job(*self._launched)
+
+
+def _as_int(value: Any, name: str) -> int | None:
+    """Templated numbers render to strings; accept "4", refuse anything that isn't a whole number."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    if isinstance(value, str) and value.strip() in ("", "None"):
+        return None
+    raise ConfigurationError(f"{name} rendered to {value!r} ({type(value).__name__}), not a whole number.")

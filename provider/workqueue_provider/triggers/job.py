@@ -1,0 +1,184 @@
+"""JobCompleteTrigger: waits for a Job by watching it, not by polling.
+
+It lists the Job once, then watches from that resourceVersion over one connection; a watch that
+ends (server timeout, dropped stream) is re-opened from the last resourceVersion seen, and a
+``410 Gone`` (too old) starts over with a fresh list. Each change goes through
+:func:`~workqueue_provider.kube.job_status.assess`, the same function the sensor's ``poke`` uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from airflow.providers.cncf.kubernetes.hooks.kubernetes import AsyncKubernetesHook
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+from kubernetes_asyncio import client as async_client
+from kubernetes_asyncio import watch as async_watch
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from workqueue_provider.kube.job_status import JobAssessment, assess
+
+WATCH_SECONDS = 290  # below the API server's default --min-request-timeout range, so reconnects are rare
+RECONNECT_DELAYS = (0.5, 1, 2, 5, 10)
+
+
+def _airflow_3_3_plus() -> bool:
+    from airflow import __version__
+    from packaging.version import Version
+
+    return Version(__version__) >= Version("3.3.0")
+
+
+class JobCompleteTrigger(BaseTrigger):
+    """Fires once the Job is Complete, Failed (or FailureTarget), gone, or past ``deadline``.
+
+    :param job_name: Job to wait for.
+    :param namespace: its namespace.
+    :param kubernetes_conn_id: the cncf provider's Kubernetes connection.
+    :param deadline: Unix time after which it gives up with a ``timeout`` event (None: never).
+    :param delete_on_kill: delete the Job (Background propagation) when the deferred task is killed.
+    """
+
+    def __init__(self, *, job_name: str, namespace: str, kubernetes_conn_id: str, deadline: float | None = None,
+                 delete_on_kill: bool = True) -> None:
+        super().__init__()
+        self.job_name = job_name
+        self.namespace = namespace
+        self.kubernetes_conn_id = kubernetes_conn_id
+        self.deadline = deadline
+        self.delete_on_kill = delete_on_kill
+        self._fired = False
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "job_name": self.job_name,
+                "namespace": self.namespace,
+                "kubernetes_conn_id": self.kubernetes_conn_id,
+                "deadline": self.deadline,
+                "delete_on_kill": self.delete_on_kill,
+            },
+        )
+
+    def _hook(self) -> AsyncKubernetesHook:
+        return AsyncKubernetesHook(conn_id=self.kubernetes_conn_id)
+
+    def _event(self, status: str, assessment: JobAssessment | None = None, message: str | None = None) -> TriggerEvent:
+        self._fired = True
+        return TriggerEvent({
+            "status": status,
+            "job_name": self.job_name,
+            "namespace": self.namespace,
+            "assessment": assessment.to_dict() if assessment else None,
+            "message": message,
+        })
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        last_progress = None
+        resource_version: str | None = None
+        failures = 0
+        async with self._hook().get_conn() as api:
+            batch = async_client.BatchV1Api(api)
+            selector = f"metadata.name={self.job_name}"
+            while True:
+                remaining = None if self.deadline is None else self.deadline - time.time()
+                if remaining is not None and remaining <= 0:
+                    yield self._event("timeout", message=f"Job {self.namespace}/{self.job_name} did not finish before the timeout.")
+                    return
+                try:
+                    if resource_version is None:
+                        listed = await batch.list_namespaced_job(self.namespace, field_selector=selector)
+                        if not listed.items:
+                            yield self._event("error", message=f"Job {self.namespace}/{self.job_name} does not exist (deleted?).")
+                            return
+                        resource_version = listed.metadata.resource_version
+                        events: list[dict[str, Any]] = [
+                            {"type": "LISTED", "raw_object": api.sanitize_for_serialization(listed.items[0])}
+                        ]
+                    else:
+                        events = []
+                    timeout = int(min(WATCH_SECONDS, remaining)) + 1 if remaining is not None else WATCH_SECONDS
+                    async with async_watch.Watch() as watch:
+                        stream = watch.stream(batch.list_namespaced_job, self.namespace, field_selector=selector,
+                                              resource_version=resource_version, timeout_seconds=timeout,
+                                              allow_watch_bookmarks=True)
+                        async for event in _chain(events, stream):
+                            failures = 0
+                            job = event["raw_object"]
+                            resource_version = job.get("metadata", {}).get("resourceVersion") or resource_version
+                            if event["type"] == "BOOKMARK":
+                                continue
+                            if event["type"] == "DELETED":
+                                yield self._event("error", message=f"Job {self.namespace}/{self.job_name} was deleted while waiting.")
+                                return
+                            verdict = assess(job)
+                            if verdict.progress() != last_progress:
+                                last_progress = verdict.progress()
+                                self.log.info("Job %s/%s: %s", self.namespace, self.job_name, last_progress)
+                            if verdict.done:
+                                yield self._event(verdict.phase.value, verdict)
+                                return
+                except ApiException as e:
+                    if e.status == 410:
+                        self.log.info("Watch of Job %s expired (410 Gone); listing it again.", self.job_name)
+                        resource_version = None
+                        continue
+                    if e.status in (401, 403, 404):
+                        yield self._event("error", message=f"Watching Job {self.namespace}/{self.job_name} failed: {e.status} {e.reason}")
+                        return
+                    failures += 1
+                    self.log.warning("Watch of Job %s failed (%s %s); reconnecting.", self.job_name, e.status, e.reason)
+                except (OSError, asyncio.TimeoutError) as e:
+                    failures += 1
+                    self.log.warning("Watch of Job %s dropped (%r); reconnecting.", self.job_name, e)
+                if failures:
+                    await asyncio.sleep(RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS)) - 1])
+
+    async def _delete_job(self) -> None:
+        async with self._hook().get_conn() as api:
+            try:
+                await async_client.BatchV1Api(api).delete_namespaced_job(
+                    self.job_name, self.namespace, propagation_policy="Background")
+                self.log.info("Deleted Job %s/%s and its pods (the task was killed).", self.namespace, self.job_name)
+            except ApiException as e:
+                if e.status != 404:
+                    self.log.error("Could not delete Job %s/%s: %s %s", self.namespace, self.job_name, e.status, e.reason)
+
+    async def on_kill(self) -> None:
+        """Airflow >= 3.3 calls this when a user kills the deferred task (mark failed, clear...)."""
+        if self.delete_on_kill and not self._fired:
+            await self._delete_job()
+
+    async def cleanup(self) -> None:
+        """Before Airflow 3.3 only cleanup() runs on a kill, and also on a triggerer restart: delete the
+        Job only once the task instance is no longer DEFERRED."""
+        if _airflow_3_3_plus() or not self.delete_on_kill or self._fired or self.task_instance is None:
+            return
+        try:
+            state = await self._task_state()
+        except Exception:
+            self.log.warning("Could not read the task's state; leaving Job %s running.", self.job_name, exc_info=True)
+            return
+        if state != "deferred":
+            await self._delete_job()
+
+    async def _task_state(self) -> str | None:
+        from asgiref.sync import sync_to_async
+        from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+
+        ti = self.task_instance
+        states = await sync_to_async(RuntimeTaskInstance.get_task_states)(
+            dag_id=ti.dag_id, task_ids=[ti.task_id], run_ids=[ti.run_id], map_index=ti.map_index)
+        key = f"{ti.task_id}_{ti.map_index}" if ti.map_index >= 0 else ti.task_id
+        return states[ti.run_id][key]
+
+
+async def _chain(first: list[dict[str, Any]], rest: Any) -> AsyncIterator[dict[str, Any]]:
+    for item in first:
+        yield item
+    async for item in rest:
+        yield item
