@@ -1,0 +1,166 @@
+"""QueueJobOperator, JobCompleteSensor and JobCompleteTrigger on the real broker and control plane."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+from airflow.sdk.exceptions import AirflowSkipException
+
+from tests.conftest import task_context
+from tests.integration.conftest import worker_output
+from workqueue_provider.exceptions import ConfigurationError, JobError
+from workqueue_provider.hooks.amqp import AmqpHook
+from workqueue_provider.operators.job import QueueJobOperator
+from workqueue_provider.operators.queue import DeclareQueueOperator, FillQueueOperator
+from workqueue_provider.sensors.job import JobCompleteSensor
+from workqueue_provider.triggers.job import JobCompleteTrigger
+
+pytestmark = [pytest.mark.integration, pytest.mark.cluster]
+FRUIT = ["apple", "banana", "cherry", "date", "fig", "grape", "lemon", "melon"]
+
+
+def filled(queue, items=FRUIT, **declare):
+    DeclareQueueOperator(task_id="declare", queue_name=queue, **declare).execute(task_context())
+    FillQueueOperator(task_id="fill", queue_name=queue, items=items, allow_empty=True).execute(task_context())
+
+
+def job_op(queue, namespace, **kwargs):
+    kwargs.setdefault("image", "job-wq-1")
+    kwargs.setdefault("deferrable", False)
+    kwargs.setdefault("poll_interval", 0.5)
+    return QueueJobOperator(task_id="run_job", queue_name=queue, namespace=namespace, **kwargs)
+
+
+def run_trigger(trigger):
+    async def first_event():
+        async for event in trigger.run():
+            return event.payload
+    return asyncio.run(first_event())
+
+
+@pytest.mark.parametrize("image", ["job-wq-1", "job-wq-1-amqp-consume"])
+def test_the_seed_job_processes_every_item_once(amqp_conn, kube_conn, cluster, core, batch, namespace, queue_name, image):
+    filled(queue_name, queue_type="classic")
+    summary = job_op(queue_name, namespace, image=image).execute(task_context())
+    assert summary["succeeded"] == 8 and summary["completions"] == 8 and summary["items_left"] == 0
+    assert sorted(worker_output(cluster, core, namespace, summary["job_name"])) == sorted(f"Processing {f}" for f in FRUIT)
+    job = batch.read_namespaced_job(summary["job_name"], namespace)
+    assert job.spec.parallelism == 2 and job.spec.template.spec.restart_policy == "OnFailure"
+
+
+def test_the_password_reaches_pods_only_through_an_owned_secret(amqp_conn, kube_conn, cluster, core, batch, namespace,
+                                                               queue_name, broker_url):
+    filled(queue_name, items=["one"])
+    op = job_op(queue_name, namespace, wait_for_completion=False)
+    launched = op.execute(task_context())
+    job = batch.read_namespaced_job(launched["job_name"], namespace)
+    manifest = json.dumps(batch.api_client.sanitize_for_serialization(job))
+    assert "guest:guest" not in manifest
+    env = {e.name: e for e in job.spec.template.spec.containers[0].env}
+    assert env["BROKER_URL"].value is None and env["BROKER_URL"].value_from.secret_key_ref.key == "BROKER_URL"
+    secret = core.read_namespaced_secret(env["BROKER_URL"].value_from.secret_key_ref.name, namespace)
+    assert [ref.uid for ref in secret.metadata.owner_references] == [job.metadata.uid]
+    assert launched == {"job_name": job.metadata.name, "namespace": namespace}
+
+
+def test_pods_can_use_another_broker_address(amqp_conn, kube_conn, cluster, core, namespace, queue_name):
+    filled(queue_name, items=["x"])
+    op = job_op(queue_name, namespace, wait_for_completion=False, pod_broker_host="rabbitmq-service", pod_broker_port=5672)
+    name = op.execute(task_context())["job_name"]
+    secret = core.read_namespaced_secret(f"{name}-broker", namespace)
+    import base64
+    assert base64.b64decode(secret.data["BROKER_URL"]).decode().startswith("amqp://guest:guest@rabbitmq-service:5672/")
+
+
+def test_a_worker_that_fails_every_item_fails_with_the_reason(amqp_conn, kube_conn, cluster, namespace, queue_name):
+    filled(queue_name, items=["a", "b"])
+    op = job_op(queue_name, namespace, command=["sh", "-c", "echo cannot process >&2; exit 7"],
+                restart_policy="Never", backoff_limit=1)
+    with pytest.raises(JobError) as raised:
+        op.execute(task_context())
+    message = str(raised.value)
+    assert "BackoffLimitExceeded" in message
+    assert "exited 7" in message and "cannot process" in message
+
+
+def test_amqp_consume_with_a_failing_worker_leaves_items_and_the_sensor_says_how_many(amqp_conn, kube_conn, cluster,
+                                                                                     namespace, queue_name):
+    filled(queue_name, items=["a", "b", "c"], queue_type="classic")
+    op = job_op(queue_name, namespace, image="job-wq-1-amqp-consume",
+                command=["sh", "-c", "exec amqp-consume --url=$BROKER_URL -q $QUEUE -c 1 -- sh -c 'exit 1'"])
+    with pytest.raises(JobError, match=r"is Complete but 3 item\(s\) are still in queue"):
+        op.execute(task_context())
+
+
+def test_a_retry_reattaches_to_the_same_job(amqp_conn, kube_conn, cluster, batch, namespace, queue_name):
+    filled(queue_name, items=["a", "b", "c"])
+    first = job_op(queue_name, namespace, wait_for_completion=False).execute(task_context(try_number=1))
+    second = job_op(queue_name, namespace).execute(task_context(try_number=2))
+    assert second["job_name"] == first["job_name"] and second["succeeded"] == 3
+    assert len(batch.list_namespaced_job(namespace).items) == 1
+
+
+def test_an_existing_job_with_another_spec_is_refused(amqp_conn, kube_conn, cluster, batch, namespace, queue_name):
+    filled(queue_name, items=["a"])
+    job_op(queue_name, namespace, wait_for_completion=False).execute(task_context())
+    with pytest.raises(ConfigurationError, match="already exists with a different spec"):
+        job_op(queue_name, namespace, wait_for_completion=False, parallelism=5).execute(task_context())
+
+
+def test_zero_items_skip_without_a_job(amqp_conn, kube_conn, cluster, batch, namespace, queue_name):
+    filled(queue_name, items=[])
+    with pytest.raises(AirflowSkipException, match="is empty: no Job created"):
+        job_op(queue_name, namespace).execute(task_context())
+    assert batch.list_namespaced_job(namespace).items == []
+
+
+def test_explicit_completions_below_the_queue_depth_are_refused(amqp_conn, kube_conn, cluster, batch, namespace, queue_name):
+    filled(queue_name, items=["a", "b", "c"])
+    with pytest.raises(ConfigurationError, match="lower than the 3 items"):
+        job_op(queue_name, namespace, completions=2).execute(task_context())
+    assert batch.list_namespaced_job(namespace).items == []
+
+
+def test_the_trigger_watches_until_complete_and_the_sensor_verifies(amqp_conn, kube_conn, cluster, namespace, queue_name):
+    filled(queue_name)
+    launched = job_op(queue_name, namespace, wait_for_completion=False).execute(task_context())
+    event = run_trigger(JobCompleteTrigger(kubernetes_conn_id=kube_conn, deadline=time.time() + 120, **launched))
+    assert event["status"] == "succeeded" and event["assessment"]["succeeded"] == 8
+    sensor = JobCompleteSensor(task_id="wait", queue_name=queue_name, **launched)
+    summary = sensor.execute_complete(task_context(), event)
+    assert summary["succeeded"] == 8 and summary["items_left"] == 0
+    assert sensor.poke(task_context()).xcom_value["job_name"] == launched["job_name"]
+
+
+def test_the_trigger_serializes_to_its_constructor_arguments():
+    trigger = JobCompleteTrigger(job_name="j", namespace="n", kubernetes_conn_id="k", deadline=1.5, delete_on_kill=False)
+    path, kwargs = trigger.serialize()
+    assert path == "workqueue_provider.triggers.job.JobCompleteTrigger"
+    assert JobCompleteTrigger(**kwargs).serialize() == (path, kwargs)
+
+
+def test_the_trigger_times_out(amqp_conn, kube_conn, cluster, namespace, queue_name):
+    filled(queue_name, items=["slow"])
+    launched = job_op(queue_name, namespace, wait_for_completion=False,
+                      command=["sh", "-c", "sleep 30"]).execute(task_context())
+    event = run_trigger(JobCompleteTrigger(kubernetes_conn_id=kube_conn, deadline=time.time() + 3, **launched))
+    assert event["status"] == "timeout" and "did not finish before the timeout" in event["message"]
+
+
+def test_killing_the_deferred_task_deletes_the_job_and_its_pods(amqp_conn, kube_conn, cluster, core, batch, namespace,
+                                                               queue_name):
+    filled(queue_name, items=["a", "b"])
+    launched = job_op(queue_name, namespace, wait_for_completion=False,
+                      command=["sh", "-c", "sleep 60"]).execute(task_context())
+    deadline = time.time() + 60
+    while not core.list_namespaced_pod(namespace).items and time.time() < deadline:
+        time.sleep(0.3)
+    asyncio.run(JobCompleteTrigger(kubernetes_conn_id=kube_conn, **launched).on_kill())
+    while (batch.list_namespaced_job(namespace).items or core.list_namespaced_pod(namespace).items) and time.time() < deadline:
+        time.sleep(0.3)
+    assert batch.list_namespaced_job(namespace).items == []
+    assert core.list_namespaced_pod(namespace).items == []
+    assert AmqpHook().queue_depth(queue_name).messages == 2, "killed workers leave their items in the queue"
