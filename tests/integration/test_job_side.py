@@ -10,7 +10,7 @@ import pytest
 from airflow.sdk.exceptions import AirflowSkipException
 
 from tests.conftest import task_context
-from tests.integration.conftest import worker_output
+from tests.conftest import worker_output
 from workqueue_provider.exceptions import ConfigurationError, JobError
 from workqueue_provider.hooks.amqp import AmqpHook
 from workqueue_provider.operators.job import QueueJobOperator

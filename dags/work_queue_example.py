@@ -1,0 +1,77 @@
+"""The Kubernetes "Coarse Parallel Processing Using a Work Queue" example as an Airflow DAG.
+
+start the broker if needed -> declare the queue -> fill it (one message per item) -> run the Job
+-> wait until it is Complete and the queue is empty -> delete the queue (whatever happened).
+
+Trigger it from the UI to get a form (items, parallelism, image, namespace); scheduled runs use
+the defaults. Every run gets its own queue, so scheduled and manual runs never share one.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timedelta
+
+from airflow.sdk import DAG, Param
+
+from workqueue_provider.operators.broker import EnsureBrokerOperator
+from workqueue_provider.operators.job import QueueJobOperator
+from workqueue_provider.operators.queue import DeclareQueueOperator, DeleteQueueOperator, FillQueueOperator
+from workqueue_provider.sensors.job import JobCompleteSensor
+
+# [START work_queue_example]
+QUEUE = "job1-{{ run_id }}"  # one queue per run
+
+with DAG(
+    dag_id="work_queue_example",
+    description="Fill a RabbitMQ queue and let a Kubernetes Job's pods take one item each",
+    schedule="@daily",  # a batch job: once a day; manual runs any time from the UI
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=4,
+    render_template_as_native_obj=True,  # "{{ params.items }}" renders to a list, not its text
+    default_args={"retries": 2, "retry_delay": timedelta(seconds=10)},
+    params={
+        "items": Param(["apple", "banana", "cherry", "date", "fig", "grape", "lemon", "melon"],
+                       type="array", items={"type": "string", "minLength": 1}, title="Work items",
+                       description="One message per item; each worker pod processes one."),
+        "parallelism": Param(2, type="integer", minimum=1, maximum=100, title="Pods at once"),
+        "image": Param(os.environ.get("WORKQUEUE_WORKER_IMAGE", "job-wq-1"), type="string", minLength=1,
+                       title="Worker image", description="Image whose command consumes one item (see worker/)."),
+        "namespace": Param(os.environ.get("WORKQUEUE_NAMESPACE", "default"), type="string",
+                           pattern="^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", maxLength=63, title="Kubernetes namespace"),
+        "pod_broker_host": Param(os.environ.get("WORKQUEUE_POD_BROKER_HOST"), type=["null", "string"],
+                                 title="Broker host for pods",
+                                 description="Leave empty to use the AMQP connection's host (e.g. rabbitmq-service)."),
+    },
+    tags=["workqueue", "kubernetes", "rabbitmq"],
+) as dag:
+    start_broker = EnsureBrokerOperator(task_id="start_broker", namespace="{{ params.namespace }}")
+
+    declare_queue = DeclareQueueOperator(task_id="declare_queue", queue_name=QUEUE)
+
+    fill_queue = FillQueueOperator(task_id="fill_queue", queue_name=QUEUE, items="{{ params.items }}")
+
+    run_job = QueueJobOperator(
+        task_id="run_job",
+        image="{{ params.image }}",
+        queue_name=QUEUE,
+        namespace="{{ params.namespace }}",
+        parallelism="{{ params.parallelism }}",
+        pod_broker_host="{{ params.pod_broker_host }}",
+        wait_for_completion=False,  # the sensor below waits, so the UI shows launch and wait apart
+        ttl_seconds_after_finished=3600,
+    )
+
+    wait_for_job = JobCompleteSensor(
+        task_id="wait_for_job",
+        job_name="{{ ti.xcom_pull(task_ids='run_job')['job_name'] }}",
+        namespace="{{ params.namespace }}",
+        queue_name=QUEUE,  # verified completion: fail if items are left in the queue
+        timeout=3600,
+    )
+
+    delete_queue = DeleteQueueOperator(task_id="delete_queue", queue_name=QUEUE, trigger_rule="all_done")
+
+    start_broker >> declare_queue >> fill_queue >> run_job >> wait_for_job >> delete_queue
+# [END work_queue_example]

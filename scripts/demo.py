@@ -1,0 +1,120 @@
+"""`make demo`: run the example DAG end to end with `airflow dags test`.
+
+Without KUBECONFIG it starts the local control plane (tests/cluster: real kube-apiserver,
+kube-controller-manager and etcd; pods run as local processes) and uses the local RabbitMQ; with
+KUBECONFIG it uses that cluster, and the broker named by AIRFLOW_CONN_AMQP_DEFAULT (the DAG's
+first task starts one in the cluster if none answers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+DAG_ID = "work_queue_example"
+LOCAL_BROKER = "amqp://guest:guest@127.0.0.1:5672/"
+# The seed's job-wq-1 image, as the node agent runs it: workqueue-consume + worker.py.
+LOCAL_WORKER_IMAGE = ["sh", "-c", "exec {venv_bin}/workqueue-consume {python} {repo}/worker/worker.py"]
+
+
+def airflow_env(kubeconfig: str, airflow_home: str, amqp_url: str | None = None) -> dict[str, str]:
+    """Environment for Airflow commands: isolated home, the repo's dags/, both connections."""
+    env = dict(os.environ)
+    env.update({
+        "AIRFLOW_HOME": airflow_home,
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW_CONN_KUBERNETES_DEFAULT": json.dumps(
+            {"conn_type": "kubernetes", "extra": {"kube_config_path": kubeconfig}}),
+    })
+    env["AIRFLOW_CONN_AMQP_DEFAULT"] = amqp_url or os.environ.get("AIRFLOW_CONN_AMQP_DEFAULT", LOCAL_BROKER)
+    return env
+
+
+def airflow(args: Sequence[str], env: dict[str, str], *, echo: bool = True, timeout: float = 1800) -> subprocess.CompletedProcess:
+    """Run the venv's `airflow` CLI, echoing its output as it comes."""
+    command = [str(Path(sys.executable).parent / "airflow"), *args]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    assert process.stdout is not None
+    started = time.monotonic()
+    for line in process.stdout:
+        lines.append(line)
+        if echo:
+            print(line, end="", flush=True)
+        if time.monotonic() - started > timeout:
+            process.kill()
+    process.wait()
+    return subprocess.CompletedProcess(command, process.returncode, "".join(lines), "")
+
+
+def run_example_dag(kubeconfig: str, airflow_home: str, conf: dict[str, Any] | None = None, *,
+                    amqp_url: str | None = None, echo: bool = True) -> subprocess.CompletedProcess:
+    env = airflow_env(kubeconfig, airflow_home, amqp_url)
+    migrated = airflow(["db", "migrate"], env, echo=False)
+    if migrated.returncode != 0:
+        raise RuntimeError(f"airflow db migrate failed:\n{migrated.stdout[-3000:]}")
+    args = ["dags", "test", DAG_ID]
+    if conf:
+        args += ["--conf", json.dumps(conf)]
+    return airflow(args, env, echo=echo)
+
+
+@contextlib.contextmanager
+def control_plane() -> Iterator[tuple[str, Any]]:
+    """(kubeconfig, LocalCluster or None): KUBECONFIG's cluster, or the local control plane."""
+    if os.environ.get("KUBECONFIG"):
+        yield os.environ["KUBECONFIG"].split(os.pathsep)[0], None
+        return
+    sys.path.insert(0, str(REPO))
+    from tests.cluster.local_cluster import LocalCluster
+
+    print("demo: starting the local control plane (kube-apiserver, kube-controller-manager, etcd, node agent)...",
+          flush=True)
+    with LocalCluster(images={"job-wq-1": {"entrypoint": LOCAL_WORKER_IMAGE}}) as cluster:
+        print(f"demo: control plane ready in {cluster.startup_seconds:.1f} s; kubeconfig {cluster.kubeconfig}", flush=True)
+        yield str(cluster.kubeconfig), cluster
+
+
+def report(kubeconfig: str, cluster: Any, namespace: str = "default") -> None:
+    """Print the Job's final status and what each worker printed."""
+    from kubernetes import client, config
+
+    api = config.new_client_from_config(config_file=kubeconfig)
+    batch, core = client.BatchV1Api(api), client.CoreV1Api(api)
+    jobs = batch.list_namespaced_job(namespace, label_selector="app.kubernetes.io/managed-by=airflow-provider-workqueue")
+    for job in jobs.items:
+        conditions = ", ".join(f"{c.type}={c.status}" for c in job.status.conditions or [])
+        print(f"demo: Job {namespace}/{job.metadata.name}: succeeded {job.status.succeeded or 0}/"
+              f"{job.spec.completions}, failed {job.status.failed or 0}; conditions: {conditions}")
+        pods = core.list_namespaced_pod(namespace, label_selector=f"batch.kubernetes.io/job-name={job.metadata.name}")
+        for pod in pods.items:
+            if cluster is not None:
+                text = cluster.read_pod_log(namespace, pod.metadata.name)
+            else:
+                text = core.read_namespaced_pod_log(pod.metadata.name, namespace, _preload_content=False).data.decode()
+            for line in text.splitlines():
+                print(f"demo:   {pod.metadata.name}: {line}")
+
+
+def main() -> int:
+    started = time.monotonic()
+    with control_plane() as (kubeconfig, cluster), tempfile.TemporaryDirectory(prefix="workqueue-demo-") as home:
+        result = run_example_dag(kubeconfig, home)
+        report(kubeconfig, cluster, os.environ.get("WORKQUEUE_NAMESPACE", "default"))
+    ok = result.returncode == 0 and "state=success" in result.stdout.replace(" ", "").lower() or result.returncode == 0
+    print(f"demo: DAG {DAG_ID} {'succeeded' if ok else 'FAILED'} in {time.monotonic() - started:.0f} s", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
