@@ -18,6 +18,9 @@ EXTRA_FIELDS: dict[str, tuple[str, str, Any]] = {
     "connection_attempts": ("Connection attempts", "integer", 3),
     "retry_delay": ("Retry delay (s)", "number", 1),
     "socket_timeout": ("Socket timeout (s)", "number", 10),
+    "credentials_secret": ("Credentials from Kubernetes Secret (keys username, password)", "string", None),
+    "credentials_namespace": ("Namespace of that Secret (default: default)", "string", None),
+    "kubernetes_conn_id": ("Kubernetes connection to read it (default: kubernetes_default)", "string", None),
 }
 
 UI_BEHAVIOUR: dict[str, Any] = {

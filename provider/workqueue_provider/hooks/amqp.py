@@ -56,7 +56,11 @@ class AmqpHook(BaseHook):
 
     @cached_property
     def settings(self) -> BrokerSettings:
-        """Broker settings read from the Airflow connection (the password stays inside)."""
+        """Broker settings read from the Airflow connection (the password stays inside). With the
+        extra ``credentials_secret``, login and password come from that Kubernetes Secret instead
+        (see :mod:`~workqueue_provider.hooks.broker_credentials`)."""
+        from workqueue_provider.hooks import broker_credentials
+
         conn = self.get_connection(self.amqp_conn_id)
         extras = {k.split("__")[-1]: v for k, v in conn.extra_dejson.items() if v not in (None, "")}
         base = BrokerSettings(
@@ -67,6 +71,7 @@ class AmqpHook(BaseHook):
             vhost=conn.schema or "/",
             tls=conn.conn_type == "amqps",
         )
+        base, extras = broker_credentials.with_secret_credentials(base, extras)
         return base.with_options(extras)
 
     @contextlib.contextmanager

@@ -1,0 +1,180 @@
+"""Broker credentials kept in a Kubernetes Secret instead of the Airflow connection.
+
+An AMQP connection whose extras name a Secret logs in with that Secret's ``username`` and
+``password`` keys (read through the cncf ``KubernetesHook``), not with the connection's own login
+and password. ``EnsureBrokerOperator`` generates that Secret when it starts the broker, so the
+password never has to be copied anywhere. Extras:
+
+- ``credentials_secret``: the Secret's name (setting it turns the feature on);
+- ``credentials_namespace``: its namespace (default ``default``);
+- ``kubernetes_conn_id``: the Kubernetes connection to read it with (default ``kubernetes_default``).
+
+Kubernetes API errors are translated here (:func:`translate_api_error`) for this module and the
+broker operator; none of the messages carries a password.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from workqueue_provider.amqp.connection import BrokerSettings
+from workqueue_provider.exceptions import BrokerError, ConfigurationError, WorkQueueError
+
+if TYPE_CHECKING:
+    from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+
+SECRET_EXTRA = "credentials_secret"
+NAMESPACE_EXTRA = "credentials_namespace"
+KUBERNETES_CONN_EXTRA = "kubernetes_conn_id"
+EXTRAS = (SECRET_EXTRA, NAMESPACE_EXTRA, KUBERNETES_CONN_EXTRA)
+DEFAULT_NAMESPACE = "default"
+DEFAULT_KUBERNETES_CONN_ID = "kubernetes_default"
+USERNAME_KEY = "username"
+PASSWORD_KEY = "password"
+
+
+class CredentialsSecretNotFoundError(ConfigurationError):
+    """The connection's ``credentials_secret`` doesn't exist (yet): the broker was never started."""
+
+
+@dataclass(frozen=True)
+class SecretRef:
+    """Where a connection's broker credentials live."""
+
+    name: str
+    namespace: str = DEFAULT_NAMESPACE
+    kubernetes_conn_id: str = DEFAULT_KUBERNETES_CONN_ID
+
+    def describe(self) -> str:
+        return f"Secret {self.name!r} in namespace {self.namespace!r}"
+
+
+def pop_secret_ref(extras: dict[str, Any]) -> SecretRef | None:
+    """Remove this module's keys from ``extras`` (so BrokerSettings never sees them); the Secret
+    they name, or None without ``credentials_secret``."""
+    values = {key: extras.pop(key, None) for key in EXTRAS}
+    if not values[SECRET_EXTRA]:
+        return None
+    return SecretRef(
+        name=str(values[SECRET_EXTRA]),
+        namespace=str(values[NAMESPACE_EXTRA] or DEFAULT_NAMESPACE),
+        kubernetes_conn_id=str(values[KUBERNETES_CONN_EXTRA] or DEFAULT_KUBERNETES_CONN_ID),
+    )
+
+
+def kubernetes_hook(kubernetes_conn_id: str) -> KubernetesHook:
+    from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+
+    return KubernetesHook(conn_id=kubernetes_conn_id)
+
+
+def core_v1(hook: KubernetesHook) -> Any:
+    """``hook.core_v1_client``, with a missing or unusable Kubernetes connection made clear."""
+    try:
+        return hook.core_v1_client
+    except Exception as e:  # AirflowNotFoundException, kubernetes ConfigException, bad kubeconfig...
+        raise ConfigurationError(
+            f"The Kubernetes connection {hook.conn_id!r} can't be used ({type(e).__name__}: {e}): "
+            "create it (conn type kubernetes, extra kube_config_path or in_cluster) or fix its kubeconfig."
+        ) from e
+
+
+def decode_credentials(secret_data: Mapping[str, str] | None, ref: SecretRef) -> tuple[str, str]:
+    """``(username, password)`` from a Secret's base64 ``data``."""
+    data = secret_data or {}
+    missing = [key for key in (USERNAME_KEY, PASSWORD_KEY) if not data.get(key)]
+    if missing:
+        raise ConfigurationError(
+            f"{ref.describe()} has no {' or '.join(missing)} key: it must hold the broker's "
+            f"{USERNAME_KEY!r} and {PASSWORD_KEY!r} (delete it and let EnsureBrokerOperator generate it)."
+        )
+    try:
+        return tuple(base64.b64decode(data[key], validate=True).decode() for key in (USERNAME_KEY, PASSWORD_KEY))  # type: ignore[return-value]
+    except (binascii.Error, UnicodeDecodeError):
+        raise ConfigurationError(f"{ref.describe()} holds credentials that aren't base64-encoded UTF-8.") from None
+
+
+def read_credentials(ref: SecretRef, client: Any = None) -> tuple[str, str]:
+    """``(username, password)`` read from the Secret (``client``: a CoreV1Api; default from the
+    Kubernetes connection). A missing Secret raises :class:`CredentialsSecretNotFoundError`."""
+    from kubernetes.client.exceptions import ApiException
+
+    client = client or core_v1(kubernetes_hook(ref.kubernetes_conn_id))
+    try:
+        secret = client.read_namespaced_secret(ref.name, ref.namespace)
+    except ApiException as e:
+        if e.status == 404:
+            raise CredentialsSecretNotFoundError(
+                f"The broker credentials {ref.describe()} (the AMQP connection's credentials_secret) don't exist: "
+                "start the broker with EnsureBrokerOperator, which generates them, or create the Secret "
+                f"with keys {USERNAME_KEY!r} and {PASSWORD_KEY!r}."
+            ) from e
+        raise translate_api_error(e, f"read {ref.describe()}", kubernetes_conn_id=ref.kubernetes_conn_id) from e
+    except Exception as e:
+        raise translate_transport_error(e, ref.kubernetes_conn_id) from e
+    return decode_credentials(secret.data, ref)
+
+
+def with_secret_credentials(settings: BrokerSettings, extras: Mapping[str, Any]) -> tuple[BrokerSettings, dict[str, Any]]:
+    """For ``AmqpHook.settings``: the settings with the Secret's credentials when the extras name
+    one, and the extras without this module's keys."""
+    remaining = dict(extras)
+    ref = pop_secret_ref(remaining)
+    if ref is None:
+        return settings, remaining
+    login, password = read_credentials(ref)
+    return dataclasses.replace(settings, login=login, password=password), remaining
+
+
+def translate_api_error(error: Any, action: str, *, kubernetes_conn_id: str, namespace: str | None = None,
+                        default: type[WorkQueueError] = BrokerError) -> WorkQueueError:
+    """A kubernetes ``ApiException`` raised while doing ``action`` as a clear error (raise it ``from``)."""
+    status = getattr(error, "status", None)
+    message, kind, name = _api_message(error)
+    where = f" in namespace {namespace!r}" if namespace else ""
+    if status == 404 and kind == "namespaces":
+        return ConfigurationError(
+            f"Can't {action}: namespace {name or namespace!r} doesn't exist. Create it "
+            f"(kubectl create namespace {name or namespace}) or pick an existing namespace."
+        )
+    if status == 403:
+        return ConfigurationError(
+            f"Can't {action}: the Kubernetes connection {kubernetes_conn_id!r} is not allowed to ({message}). "
+            f"Bind its user or service account to a Role granting this{where}."
+        )
+    if status == 401:
+        return ConfigurationError(
+            f"Can't {action}: the Kubernetes API rejected the credentials of connection {kubernetes_conn_id!r} "
+            "(401 Unauthorized): fix its token or kubeconfig."
+        )
+    if status == 422:
+        return ConfigurationError(f"Can't {action}: the API server refused the object as invalid ({message}).")
+    return default(f"Can't {action}: the Kubernetes API answered {status} {getattr(error, 'reason', '')} ({message}).")
+
+
+def translate_transport_error(error: Exception, kubernetes_conn_id: str) -> WorkQueueError:
+    """An error below the API (connection refused, TLS, timeouts) as a clear error."""
+    if isinstance(error, WorkQueueError):
+        return error
+    text = f"{type(error).__name__}: {error}"
+    return BrokerError(
+        f"The Kubernetes API of connection {kubernetes_conn_id!r} can't be reached "
+        f"({text[:200]}): check the cluster is up and the connection's kubeconfig."
+    )
+
+
+def _api_message(error: Any) -> tuple[str, str | None, str | None]:
+    """The Status object's message and its details (kind, name), as far as the body holds them."""
+    try:
+        body = json.loads(getattr(error, "body", None) or "{}")
+    except (TypeError, ValueError):
+        body = {}
+    details = body.get("details") or {}
+    message = body.get("message") or str(getattr(error, "reason", "") or error)
+    return message, details.get("kind"), details.get("name")

@@ -1,0 +1,1 @@
+"""Kubernetes manifests built as plain dicts (pure functions: nothing here talks to a cluster)."""
