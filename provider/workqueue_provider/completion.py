@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from workqueue_provider.exceptions import JobError, QueueNotFoundError
 from workqueue_provider.hooks.amqp import AmqpHook
 from workqueue_provider.hooks.jobs import JobsHook
-from workqueue_provider.kube.job_status import JobAssessment, JobPhase, assess
+from workqueue_provider.kube.job_status import JobAssessment, JobPhase, assess, condition
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,8 @@ def conclude(job: dict[str, Any], jobs: JobsHook, verification: Verification, lo
             + ("".join(f"\n  - {line}" for line in details) if details else "")
         )
     summary = _summary(job, verdict)
-    log.info("Job %s/%s is Complete: %s, in %s s.", namespace, name, verdict.progress(), summary["duration_seconds"])
+    log.info("Job %s/%s is Complete: %s, in %s s (noticed %s s after the Complete condition).", namespace, name,
+             verdict.progress(), summary["duration_seconds"], summary["noticed_after_seconds"])
     if verification.queue_name:
         summary.update(_verify_queue(name, verification, log))
     return summary
@@ -88,6 +89,10 @@ def _summary(job: dict[str, Any], verdict: JobAssessment) -> dict[str, Any]:
     duration = None
     if started and finished:
         duration = (_parse_time(finished) - _parse_time(started)).total_seconds()
+    complete = condition(job, "Complete")
+    noticed_after = None
+    if complete and complete.get("lastTransitionTime"):  # seconds resolution, as the API keeps it
+        noticed_after = round((datetime.now(timezone.utc) - _parse_time(complete["lastTransitionTime"])).total_seconds(), 1)
     return {
         "job_name": job["metadata"]["name"],
         "namespace": job["metadata"]["namespace"],
@@ -95,6 +100,7 @@ def _summary(job: dict[str, Any], verdict: JobAssessment) -> dict[str, Any]:
         "failed": verdict.failed,
         "completions": verdict.completions,
         "duration_seconds": duration,
+        "noticed_after_seconds": noticed_after,
     }
 
 

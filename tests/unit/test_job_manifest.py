@@ -1,0 +1,102 @@
+import pytest
+
+from workqueue_provider.exceptions import ConfigurationError
+from workqueue_provider.kube.job_manifest import (
+    SPEC_HASH_ANNOTATION,
+    JobOptions,
+    build_job,
+    completions_for,
+    job_name_for,
+    merge,
+)
+
+
+def test_job_names_are_deterministic_valid_and_unique_per_run():
+    name = job_name_for("dag", "run_job", "manual__2026-11-28T10:00:00+00:00")
+    assert name == job_name_for("dag", "run_job", "manual__2026-11-28T10:00:00+00:00")
+    assert name != job_name_for("dag", "run_job", "scheduled__2026-11-28T00:00:00+00:00")
+    assert name.startswith("run-job-") and len(name) <= 63
+    long = job_name_for("d" * 300, "T" * 300 + "_x", "r" * 300)
+    assert len(long) <= 63 and long[0].isalnum() and long[-1].isalnum()
+    assert job_name_for("dag", "___", "run").startswith("job-")
+
+
+@pytest.mark.parametrize(
+    ("prefix", "fragment"),
+    [("Bad_Name", "not a valid RFC 1123"), ("x" * 53, "leave room"), ("-x", "not a valid RFC 1123")],
+)
+def test_bad_job_name_prefixes(prefix, fragment):
+    with pytest.raises(ConfigurationError, match=fragment):
+        job_name_for("dag", "task", "run", prefix=prefix)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        pytest.param({"parallelism": 0}, "parallelism=0 must be a positive integer", id="zero-parallelism"),
+        pytest.param({"parallelism": -2}, "parallelism=-2", id="negative-parallelism"),
+        pytest.param({"completions": 0}, "completions=0", id="zero-completions"),
+        pytest.param({"image": " "}, "image is empty", id="empty-image"),
+        pytest.param({"namespace": "Prod"}, "not a valid RFC 1123", id="bad-namespace"),
+        pytest.param({"namespace": "n" * 64}, "at most 63", id="long-namespace"),
+        pytest.param({"queue_name": ""}, "queue name is empty", id="empty-queue"),
+        pytest.param({"restart_policy": "Always"}, "restart_policy='Always'", id="restart-always"),
+        pytest.param({"pod_failure_policy": {"rules": []}}, "needs restart_policy='Never'", id="pfp-onfailure"),
+        pytest.param({"node_selector": ["a"]}, "must be a mapping", id="selector-list"),
+        pytest.param({"command": "worker.py"}, "must be a list", id="command-string"),
+        pytest.param({"labels": {"team": "a b"}}, "not a valid label value", id="bad-label"),
+        pytest.param({"backoff_limit": -1}, "backoff_limit=-1", id="negative-backoff"),
+    ],
+)
+def test_bad_job_options_are_refused(kwargs, fragment):
+    with pytest.raises(ConfigurationError, match=fragment):
+        JobOptions(**{"image": "job-wq-1", "queue_name": "job1", **kwargs})
+
+
+def test_completions_follow_the_queue():
+    base = JobOptions(image="i", queue_name="q")
+    assert completions_for(base, 8) == 8
+    assert completions_for(JobOptions(image="i", queue_name="q", items_per_pod=3), 8) == 3
+    assert completions_for(JobOptions(image="i", queue_name="q", items_per_pod=None), 8) is None
+    assert completions_for(JobOptions(image="i", queue_name="q", completions=5), 8) == 5
+
+
+def test_the_seed_job_manifest():
+    options = JobOptions(
+        image="job-wq-1", queue_name="job1", parallelism=2, backoff_limit=3, ttl_seconds_after_finished=60,
+        node_selector={"pool": "batch"}, resources={"limits": {"cpu": "1"}}, image_pull_secrets=["regcred"],
+        labels={"team": "data"}, annotations={"note": "x"})
+    job = build_job("job-wq-1-abc", options, completions=8, secret_name="job-wq-1-abc-broker")
+    spec = job["spec"]
+    assert (spec["completions"], spec["parallelism"], spec["backoffLimit"], spec["ttlSecondsAfterFinished"]) == (8, 2, 3, 60)
+    pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] == "OnFailure" and pod["nodeSelector"] == {"pool": "batch"}
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    container = pod["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["BROKER_URL"] == {"name": "BROKER_URL", "valueFrom": {"secretKeyRef": {"name": "job-wq-1-abc-broker", "key": "BROKER_URL"}}}
+    assert env["QUEUE"]["value"] == "job1" and "command" not in container
+    assert job["metadata"]["annotations"][SPEC_HASH_ANNOTATION] == options.fingerprint()
+    assert job["metadata"]["labels"]["team"] == "data"
+
+
+def test_templates_fill_in_anything_else_and_explicit_options_win():
+    options = JobOptions(
+        image="job-wq-1", queue_name="q",
+        job_template={"spec": {"suspend": False, "parallelism": 99}},
+        pod_template={"spec": {"priorityClassName": "batch",
+                               "containers": [{"name": "worker", "securityContext": {"runAsNonRoot": True}},
+                                              {"name": "sidecar", "image": "busybox"}]}},
+    )
+    job = build_job("n", options, completions=1, secret_name="s")
+    assert job["spec"]["suspend"] is False and job["spec"]["parallelism"] == 2
+    pod = job["spec"]["template"]["spec"]
+    assert pod["priorityClassName"] == "batch"
+    worker = [c for c in pod["containers"] if c["name"] == "worker"][0]
+    assert worker["securityContext"] == {"runAsNonRoot": True} and worker["image"] == "job-wq-1"
+    assert [c["name"] for c in pod["containers"]] == ["worker", "sidecar"]
+
+
+def test_fingerprint_changes_with_the_spec():
+    assert JobOptions(image="a", queue_name="q").fingerprint() != JobOptions(image="a", queue_name="q", parallelism=3).fingerprint()
+    assert merge({"a": {"b": 1}}, {"a": {"c": 2}}) == {"a": {"b": 1, "c": 2}}
