@@ -17,13 +17,13 @@ import uuid
 import pika
 import pytest
 import structlog.testing
-
-from tests.cluster.local_cluster import free_port
-from tests.conftest import task_context
 from workqueue_provider.exceptions import BrokerUnreachableError, ConfigurationError
 from workqueue_provider.hooks.amqp import AmqpHook
 from workqueue_provider.hooks.broker_credentials import CredentialsSecretNotFoundError
 from workqueue_provider.operators.broker import EnsureBrokerOperator
+
+from tests.cluster.local_cluster import free_port
+from tests.conftest import task_context
 
 pytestmark = [pytest.mark.cluster, pytest.mark.integration]
 
@@ -243,7 +243,7 @@ def test_a_connection_whose_secret_is_missing_says_how_to_create_it(namespace, k
     monkeypatch.setenv("AIRFLOW_CONN_AMQP_UNSTARTED", amqp_connection(
         free_port(), credentials_secret="rabbitmq-credentials", credentials_namespace=namespace))
     with pytest.raises(CredentialsSecretNotFoundError, match="EnsureBrokerOperator"):
-        AmqpHook(amqp_conn_id="amqp_unstarted").settings
+        _ = AmqpHook(amqp_conn_id="amqp_unstarted").settings
 
 
 def test_a_missing_namespace_is_named_and_nothing_is_created(kube_env, monkeypatch):
@@ -252,3 +252,14 @@ def test_a_missing_namespace_is_named_and_nothing_is_created(kube_env, monkeypat
     op = EnsureBrokerOperator(task_id="ensure_broker", amqp_conn_id="amqp_new")
     with pytest.raises(ConfigurationError, match="namespace 'no-such-namespace' doesn't exist"):
         op.execute(task_context())
+
+
+def test_an_rbac_refusal_is_named_and_nothing_is_created(namespace, kube_env, monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_K8S_NOBODY", json.dumps({"conn_type": "kubernetes", "extra": {
+        "kube_config_path": str(kube_env.kubeconfig_for("user-1"))}}))
+    monkeypatch.setenv("AIRFLOW_CONN_AMQP_APP", f"amqp://app:app-password@127.0.0.1:{free_port()}/")
+    op = EnsureBrokerOperator(task_id="ensure_broker", amqp_conn_id="amqp_app", kubernetes_conn_id="k8s_nobody",
+                              namespace=namespace)
+    with pytest.raises(ConfigurationError, match="'k8s_nobody' is not allowed to .*cannot get resource .secrets."):
+        op.execute(task_context())
+    assert objects_in(kube_env, namespace) == {}

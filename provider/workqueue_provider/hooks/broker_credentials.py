@@ -91,7 +91,7 @@ def decode_credentials(secret_data: Mapping[str, str] | None, ref: SecretRef) ->
     missing = [key for key in (USERNAME_KEY, PASSWORD_KEY) if not data.get(key)]
     if missing:
         raise ConfigurationError(
-            f"{ref.describe()} has no {' or '.join(missing)} key: it must hold the broker's "
+            f"{ref.describe()} has no {' or '.join(repr(key) for key in missing)} key: it must hold the broker's "
             f"{USERNAME_KEY!r} and {PASSWORD_KEY!r} (delete it and let EnsureBrokerOperator generate it)."
         )
     try:
@@ -111,9 +111,9 @@ def read_credentials(ref: SecretRef, client: Any = None) -> tuple[str, str]:
     except ApiException as e:
         if e.status == 404:
             raise CredentialsSecretNotFoundError(
-                f"The broker credentials {ref.describe()} (the AMQP connection's credentials_secret) don't exist: "
-                "start the broker with EnsureBrokerOperator, which generates them, or create the Secret "
-                f"with keys {USERNAME_KEY!r} and {PASSWORD_KEY!r}."
+                f"The AMQP connection's credentials_secret, {ref.describe()}, doesn't exist: the broker was "
+                "never started there. Start it with EnsureBrokerOperator (which generates the Secret), or create "
+                f"the Secret with keys {USERNAME_KEY!r} and {PASSWORD_KEY!r}."
             ) from e
         raise translate_api_error(e, f"read {ref.describe()}", kubernetes_conn_id=ref.kubernetes_conn_id) from e
     except Exception as e:

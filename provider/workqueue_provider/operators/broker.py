@@ -51,7 +51,8 @@ class EnsureBrokerOperator(BaseOperator):
         ``rabbitmq-credentials``). Templated.
     :param service_name: the Service. Templated.
     :param statefulset_name: the StatefulSet. Templated.
-    :param resources: the container's requests/limits (default: the seed's). Templated.
+    :param container_resources: the broker container's requests/limits (default: the seed's). Templated.
+        (Not ``resources``: that is BaseOperator's own argument.)
     :param username: user generated into a new Secret with ``credentials_secret``.
     :param startup_timeout: seconds to wait for the pod to be Ready and AMQP to answer.
     :param poll_interval: seconds between checks while waiting.
@@ -59,8 +60,8 @@ class EnsureBrokerOperator(BaseOperator):
     """
 
     template_fields: Sequence[str] = ("namespace", "image", "secret_name", "service_name", "statefulset_name",
-                                      "resources")
-    template_fields_renderers = {"resources": "json"}
+                                      "container_resources")
+    template_fields_renderers = {"container_resources": "json"}
     ui_color = "#ffd8b1"
 
     def __init__(self, *, amqp_conn_id: str = AmqpHook.default_conn_name, kubernetes_conn_id: str | None = None,
@@ -68,7 +69,7 @@ class EnsureBrokerOperator(BaseOperator):
                  image: str = manifests.DEFAULT_IMAGE, secret_name: str | None = None,
                  service_name: str = manifests.DEFAULT_SERVICE_NAME,
                  statefulset_name: str = manifests.DEFAULT_STATEFULSET_NAME,
-                 resources: Mapping[str, Mapping[str, str]] | None = None, username: str = "workqueue",
+                 container_resources: Mapping[str, Mapping[str, str]] | None = None, username: str = "workqueue",
                  startup_timeout: float = 300.0, poll_interval: float = 2.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.amqp_conn_id = amqp_conn_id
@@ -79,7 +80,7 @@ class EnsureBrokerOperator(BaseOperator):
         self.secret_name = secret_name
         self.service_name = service_name
         self.statefulset_name = statefulset_name
-        self.resources = resources
+        self.container_resources = container_resources
         self.username = username
         self.startup_timeout = startup_timeout
         self.poll_interval = poll_interval
@@ -112,7 +113,7 @@ class EnsureBrokerOperator(BaseOperator):
         spec = manifests.BrokerManifestSpec(
             namespace=namespace, image=self.image, secret_name=secret_name, service_name=self.service_name,
             statefulset_name=self.statefulset_name,
-            resources=self.resources if self.resources is not None else manifests.DEFAULT_RESOURCES,
+            resources=self.container_resources if self.container_resources is not None else manifests.DEFAULT_RESOURCES,
         )
         return spec, ref, settings, kubernetes_conn_id
 
@@ -197,7 +198,7 @@ class _Starter:
         try:
             return fn(*args, **kwargs)
         except ApiException as e:
-            if e.status in (404, 409) and fn.__name__.startswith("read_"):
+            if e.status == 404 and fn.__name__.startswith("read_"):
                 return None
             raise creds.translate_api_error(e, action, kubernetes_conn_id=self.conn_id,
                                             namespace=self.spec.namespace) from e
