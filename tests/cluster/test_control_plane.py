@@ -275,9 +275,10 @@ def test_missing_secret_keeps_pod_pending(core, ns):
     def waiting_reason():
         st = core.read_namespaced_pod("nosecret", ns).status
         cs = st.container_statuses or []
-        return st.phase == "Pending" and cs and cs[0].state.waiting and cs[0].state.waiting.reason
+        reason = st.phase == "Pending" and cs and cs[0].state.waiting and cs[0].state.waiting.reason
+        return reason if reason == "CreateContainerConfigError" else None  # ContainerCreating comes first
 
-    assert wait_for(waiting_reason, 20, what="CreateContainerConfigError") == "CreateContainerConfigError"
+    assert wait_for(waiting_reason, 30, what="CreateContainerConfigError") == "CreateContainerConfigError"
 
 
 def test_kubectl_get_jobs(local_cluster, batch, ns):
