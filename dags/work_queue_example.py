@@ -1,7 +1,8 @@
 """The Kubernetes "Coarse Parallel Processing Using a Work Queue" example as an Airflow DAG.
 
 start the broker if needed -> declare the queue -> fill it (one message per item) -> run the Job
--> wait until it is Complete and the queue is empty -> delete the queue (whatever happened).
+-> wait until it is Complete and the queue is empty -> delete the queue (a teardown: it runs
+whatever happened, and a failure upstream still fails the run).
 
 Trigger it from the UI to get a form (items, parallelism, image, namespace); scheduled runs use
 the defaults. Every run gets its own queue, so scheduled and manual runs never share one.
@@ -50,7 +51,7 @@ with DAG(
 
     declare_queue = DeclareQueueOperator(task_id="declare_queue", queue_name=QUEUE)
 
-    fill_queue = FillQueueOperator(task_id="fill_queue", queue_name=QUEUE, items="{{ params.items }}")
+    fill_queue = FillQueueOperator(task_id="fill_queue", queue_name=QUEUE, items="{{ params['items'] }}")
 
     run_job = QueueJobOperator(
         task_id="run_job",
@@ -71,7 +72,8 @@ with DAG(
         timeout=3600,
     )
 
-    delete_queue = DeleteQueueOperator(task_id="delete_queue", queue_name=QUEUE, trigger_rule="all_done")
+    # A teardown: runs whatever happened upstream, and doesn't hide a failure from the run's state.
+    delete_queue = DeleteQueueOperator(task_id="delete_queue", queue_name=QUEUE).as_teardown(setups=declare_queue)
 
     start_broker >> declare_queue >> fill_queue >> run_job >> wait_for_job >> delete_queue
 # [END work_queue_example]

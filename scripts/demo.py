@@ -106,12 +106,18 @@ def report(kubeconfig: str, cluster: Any, namespace: str = "default") -> None:
                 print(f"demo:   {pod.metadata.name}: {line}")
 
 
+def dag_run_succeeded(result: subprocess.CompletedProcess) -> bool:
+    """`airflow dags test` ends with a "DagRun Finished: ... state=<state>" line."""
+    finished = [line for line in result.stdout.splitlines() if "DagRun Finished" in line]
+    return result.returncode == 0 and bool(finished) and "state=success" in finished[-1]
+
+
 def main() -> int:
     started = time.monotonic()
     with control_plane() as (kubeconfig, cluster), tempfile.TemporaryDirectory(prefix="workqueue-demo-") as home:
         result = run_example_dag(kubeconfig, home)
         report(kubeconfig, cluster, os.environ.get("WORKQUEUE_NAMESPACE", "default"))
-    ok = result.returncode == 0 and "state=success" in result.stdout.replace(" ", "").lower() or result.returncode == 0
+    ok = dag_run_succeeded(result)
     print(f"demo: DAG {DAG_ID} {'succeeded' if ok else 'FAILED'} in {time.monotonic() - started:.0f} s", flush=True)
     return 0 if ok else 1
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from kubernetes import client
 
-from scripts.demo import LOCAL_BROKER, run_example_dag
+from scripts.demo import LOCAL_BROKER, dag_run_succeeded, run_example_dag
 from workqueue_provider.hooks.amqp import AmqpHook
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster]
@@ -15,9 +15,9 @@ def test_the_example_dag_processes_every_item_once_and_deletes_its_queue(broker_
     items = ["apple", "banana", "cherry", "date", "fig", "grape", "lemon", "melon"]
     result = run_example_dag(str(cluster.kubeconfig), str(tmp_path), {"items": items, "parallelism": 2},
                              amqp_url=LOCAL_BROKER, echo=False)
-    assert result.returncode == 0, result.stdout[-5000:]
+    assert dag_run_succeeded(result), result.stdout[-5000:]
     for task in ("start_broker", "declare_queue", "fill_queue", "run_job", "wait_for_job", "delete_queue"):
-        assert f"task_id={task}" in result.stdout.replace(" ", "") or task in result.stdout
+        assert f"task_id='{task}'" in result.stdout, f"{task} did not run"
 
     batch = client.BatchV1Api(cluster.api_client())
     core = client.CoreV1Api(cluster.api_client())
