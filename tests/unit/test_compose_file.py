@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -18,7 +19,8 @@ COMPOSE_GO = "github.com/compose-spec/compose-go/v2@v2.16.2"
 
 @pytest.fixture(scope="module")
 def compose_schema() -> dict:
-    result = subprocess.run(["go", "mod", "download", "-json", COMPOSE_GO], capture_output=True, text=True, timeout=300)
+    go = shutil.which("go") or "/usr/local/go/bin/go"
+    result = subprocess.run([go, "mod", "download", "-json", COMPOSE_GO], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"could not fetch {COMPOSE_GO} from the Go module proxy: {result.stderr}"
     schema = Path(json.loads(result.stdout)["Dir"]) / "schema" / "compose-spec.json"
     return json.loads(schema.read_text())
