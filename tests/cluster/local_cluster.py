@@ -68,6 +68,15 @@ DEFAULT_USERS: dict[str, list[str]] = {
     "user-3": [],
 }
 
+#: Audit policy for LocalCluster(audit_log=True): every request at Metadata level (user, userAgent,
+#: verb, requestURI, response code; no bodies).
+AUDIT_POLICY = """apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: ["RequestReceived"]
+rules:
+- level: Metadata
+"""
+
 MARK_ID = "WORKQUEUE_CLUSTER_ID"
 MARK_OWNER = "WORKQUEUE_CLUSTER_OWNER"
 
@@ -214,7 +223,7 @@ class LocalCluster:
     def __init__(self, bin_dir: str | os.PathLike | None = None, *, users: dict[str, list[str]] | None = None,
                  images: dict[str, dict] | None = None, node_name: str = "workqueue-node",
                  workdir: str | os.PathLike | None = None, keep_workdir: bool = False,
-                 startup_timeout: float = 90.0):
+                 startup_timeout: float = 90.0, audit_log: bool = False):
         self.bin_dir = Path(bin_dir) if bin_dir else None
         self.users = {**DEFAULT_USERS, **(users or {})}
         self._initial_images = dict(images or {})
@@ -222,6 +231,7 @@ class LocalCluster:
         self._workdir_arg = Path(workdir) if workdir else None
         self.keep_workdir = keep_workdir
         self.startup_timeout = startup_timeout
+        self.audit_log = audit_log  # opt-in: the API server logs every request (Metadata level), see audit_events()
         self.procs: dict[str, subprocess.Popen] = {}
         self.workdir: Path | None = None
         self.cluster_id = secrets.token_hex(8)
@@ -309,6 +319,11 @@ class LocalCluster:
         ])
         self._wait(lambda: self._http_ok(f"http://127.0.0.1:{etcd_client}/health"), "etcd /health")
 
+        audit_args = []
+        if self.audit_log:
+            (w / "audit-policy.yaml").write_text(AUDIT_POLICY)
+            audit_args = [f"--audit-policy-file={w / 'audit-policy.yaml'}", f"--audit-log-path={self.audit_log_path}",
+                          "--audit-log-format=json", "--audit-log-mode=blocking", "--audit-log-maxsize=0"]
         self._spawn("kube-apiserver", [
             str(self.bin_dir / "kube-apiserver"),
             f"--etcd-servers=http://127.0.0.1:{etcd_client}",
@@ -330,6 +345,7 @@ class LocalCluster:
             "--profiling=false",
             f"--cert-dir={w / 'apiserver-certs'}",
             "--v=1",
+            *audit_args,
         ])
         self._wait(lambda: self._http_ok(f"{self.server}/readyz", token=self.admin_token), "kube-apiserver /readyz")
 
@@ -521,6 +537,31 @@ class LocalCluster:
         tmp = self.images_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(table))
         os.replace(tmp, self.images_file)
+
+    # -- audit log (LocalCluster(audit_log=True))
+    @property
+    def audit_log_path(self) -> Path:
+        return self.workdir / "logs" / "audit.log"
+
+    def audit_events(self, user: str | None = None) -> list[dict]:
+        """The API server's audit events so far (one per request and stage; RequestReceived is omitted, so
+        a finished request has ResponseComplete, a watch still open only ResponseStarted; group by
+        ``auditID`` to count requests), optionally only those of ``user``."""
+        if not self.audit_log:
+            raise ClusterError("start the cluster with LocalCluster(audit_log=True) to get an audit log")
+        events = []
+        try:
+            lines = self.audit_log_path.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return []
+        for line in lines:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue  # a line being written
+            if user is None or (event.get("user") or {}).get("username") == user:
+                events.append(event)
+        return events
 
     # -- logs
     def pod_log_path(self, namespace: str, pod: str, container: str | None = None) -> Path:

@@ -1,0 +1,168 @@
+"""Helpers for the benchmarks that need the local control plane (wait_cost, drain, scale).
+
+Run from the repository root: ``PYTHONPATH=. python bench/<name>.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+BROKER_URL = os.environ.get("WORKQUEUE_BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
+VENV_BIN = Path(sys.executable).parent
+
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def setup_airflow_env() -> None:
+    """An isolated AIRFLOW_HOME and the AMQP connection, before anything imports airflow."""
+    os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="workqueue-bench-airflow-home-"))
+    os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+    os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(REPO / "dags"))
+    os.environ["AIRFLOW_CONN_AMQP_DEFAULT"] = BROKER_URL
+
+
+def set_kube_conn(conn_id: str, kubeconfig: str | os.PathLike) -> str:
+    """An Airflow Kubernetes connection (environment variable) using ``kubeconfig``."""
+    os.environ[f"AIRFLOW_CONN_{conn_id.upper()}"] = json.dumps(
+        {"conn_type": "kubernetes", "extra": {"kube_config_path": str(kubeconfig), "namespace": "default"}})
+    return conn_id
+
+
+def task_context(dag_id: str = "bench", task_id: str = "task", run_id: str | None = None) -> dict:
+    from types import SimpleNamespace
+
+    run_id = run_id or f"bench__{uuid.uuid4().hex[:8]}"
+    ti = SimpleNamespace(dag_id=dag_id, task_id=task_id, run_id=run_id, map_index=-1, try_number=1)
+    return {"ti": ti, "run_id": run_id, "task_instance": ti}
+
+
+def grant_job_reader(cluster: Any, users: list[str], namespace: str = "default") -> None:
+    """A Role that can get/list/watch Jobs (and jobs/status), bound to ``users``: the waiter's least rights."""
+    from kubernetes import client
+
+    rbac = client.RbacAuthorizationV1Api(cluster.api_client())
+    rbac.create_namespaced_role(namespace, {
+        "metadata": {"name": "bench-job-reader"},
+        "rules": [{"apiGroups": ["batch"], "resources": ["jobs", "jobs/status"], "verbs": ["get", "list", "watch"]}],
+    })
+    rbac.create_namespaced_role_binding(namespace, {
+        "metadata": {"name": "bench-job-reader"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "bench-job-reader"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": u} for u in users],
+    })
+
+
+def requests_of(cluster: Any, user: str, since: float = 0.0) -> list[dict[str, Any]]:
+    """The API requests ``user`` made (one entry per auditID), from the API server's audit log."""
+    by_id: dict[str, dict[str, Any]] = {}
+    for event in cluster.audit_events(user):
+        received = dt.datetime.fromisoformat(event["requestReceivedTimestamp"].replace("Z", "+00:00")).timestamp()
+        if received < since:
+            continue
+        entry = by_id.setdefault(event["auditID"], {
+            "verb": event.get("verb"), "uri": event.get("requestURI"), "user_agent": event.get("userAgent"),
+            "received": received, "stages": []})
+        entry["stages"].append(event.get("stage"))
+        code = (event.get("responseStatus") or {}).get("code")
+        if code is not None:
+            entry["code"] = code
+    return sorted(by_id.values(), key=lambda e: e["received"])
+
+
+def verb_counts(requests: list[dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in requests:
+        counts[r["verb"]] = counts.get(r["verb"], 0) + 1
+    return counts
+
+
+def delete_job(cluster: Any, name: str, namespace: str = "default") -> None:
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        client.BatchV1Api(cluster.api_client()).delete_namespaced_job(name, namespace, propagation_policy="Background")
+    except ApiException as e:
+        if e.status != 404:
+            raise
+
+
+def blocking_connection():
+    import pika
+
+    return pika.BlockingConnection(pika.URLParameters(BROKER_URL))
+
+
+def queue_depth(name: str) -> int:
+    connection = blocking_connection()
+    try:
+        return connection.channel().queue_declare(name, passive=True).method.message_count
+    finally:
+        connection.close()
+
+
+@contextlib.contextmanager
+def bench_queue(kind: str) -> Iterator[str]:
+    """A fresh queue name ``bench-<kind>-<id>``; the queue is deleted afterwards whatever happens."""
+    name = f"bench-{kind}-{uuid.uuid4().hex[:8]}"
+    try:
+        yield name
+    finally:
+        connection = blocking_connection()
+        try:
+            connection.channel().queue_delete(name)
+        finally:
+            connection.close()
+
+
+def check_lines(path: Path, expected: list[str]) -> dict[str, Any]:
+    """Every expected item exactly once in ``path`` (one line per processed item)?"""
+    lines = path.read_text().splitlines() if path.exists() else []
+    seen: dict[str, int] = {}
+    for line in lines:
+        seen[line] = seen.get(line, 0) + 1
+    want = set(expected)
+    missing = len(want - seen.keys())
+    duplicated = sum(1 for k, n in seen.items() if n > 1)
+    unexpected = sum(1 for k in seen if k not in want)
+    return {"lines": len(lines), "distinct": len(seen), "missing": missing, "duplicated": duplicated,
+            "unexpected": unexpected, "exactly_once": len(lines) == len(expected) and not missing and not duplicated
+            and not unexpected}
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def write_result(name: str, data: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    data = {"benchmark": name, "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg(), "python": platform.python_version()},
+            **data}
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    print(f"wrote {path.relative_to(REPO)}", flush=True)
+    return path
+
+
+def verdict(ok: bool) -> str:
+    return "MET" if ok else "NOT MET"
+
+
+def now() -> float:
+    return time.time()
