@@ -38,5 +38,5 @@ def get_provider_info() -> dict:
         ],
         "sensors": [{"integration-name": "Work queue", "python-modules": ["workqueue_provider.sensors.job"]}],
         "triggers": [{"integration-name": "Work queue", "python-modules": ["workqueue_provider.triggers.job"]}],
-        "extra-links": [],
+        "extra-links": ["workqueue_provider.links.RabbitMQQueueLink"],
     }

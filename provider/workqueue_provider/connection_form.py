@@ -21,6 +21,8 @@ EXTRA_FIELDS: dict[str, tuple[str, str, Any]] = {
     "credentials_secret": ("Credentials from Kubernetes Secret (keys username, password)", "string", None),
     "credentials_namespace": ("Namespace of that Secret (default: default)", "string", None),
     "kubernetes_conn_id": ("Kubernetes connection to read it (default: kubernetes_default)", "string", None),
+    "management_url": ("RabbitMQ management UI URL, for the UI's queue link (default: http://<host>:15672)",
+                       "string", None),
 }
 
 UI_BEHAVIOUR: dict[str, Any] = {

@@ -34,6 +34,8 @@ _INT_OPTIONS = ("heartbeat", "connection_attempts")
 _TLS_FILE_OPTIONS = {"ca_certs": "ca_file", "cafile": "ca_file", "ca_file": "ca_file",
                      "certfile": "cert_file", "cert_file": "cert_file",
                      "keyfile": "key_file", "key_file": "key_file"}
+# Connection extras that are not about the AMQP connection: accepted, and left to their reader.
+_OTHER_EXTRAS = ("management_url",)  # the RabbitMQ management UI, for the UI's extra link (links.py)
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,8 @@ def _parse_options(options: Mapping[str, Any]) -> dict[str, Any]:
                 parsed[key] = value or None
             elif key == "vhost":
                 parsed[key] = value
+            elif key in _OTHER_EXTRAS:
+                continue
             else:
                 raise ConfigurationError(
                     f"Unknown broker option {key!r}. Known options: "

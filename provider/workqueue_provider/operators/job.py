@@ -25,6 +25,7 @@ from workqueue_provider.kube.job_manifest import (
     job_name_for,
 )
 from workqueue_provider.kube.job_status import assess
+from workqueue_provider.links import RabbitMQQueueLink
 from workqueue_provider.triggers.job import JobCompleteTrigger
 
 if TYPE_CHECKING:
@@ -61,6 +62,7 @@ class QueueJobOperator(BaseOperator):
                                       "parallelism", "completions", "items_per_pod", "command", "args", "env",
                                       "labels", "annotations")
     ui_color = "#d6eaff"
+    operator_extra_links = (RabbitMQQueueLink(),)
 
     def __init__(
         self, *, image: str, queue_name: str, namespace: str = "default", job_name: str | None = None,
@@ -150,6 +152,7 @@ class QueueJobOperator(BaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any] | None:
         options = self.job_options()
+        RabbitMQQueueLink.persist(context, amqp_conn_id=self.amqp_conn_id, queue_name=options.queue_name, log=self.log)
         name = self.resolve_job_name(context)
         pod_url = self.amqp.settings.url(host=self.pod_broker_host, port=_as_int(self.pod_broker_port, "pod_broker_port"))
         existing = self.jobs.get_job(name, options.namespace)

@@ -16,6 +16,7 @@ from workqueue_provider.exceptions import JobError
 from workqueue_provider.hooks.amqp import AmqpHook
 from workqueue_provider.hooks.jobs import JobsHook
 from workqueue_provider.kube.job_status import assess
+from workqueue_provider.links import RabbitMQQueueLink
 from workqueue_provider.triggers.job import JobCompleteTrigger
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ class JobCompleteSensor(BaseSensorOperator):
     """
 
     template_fields: Sequence[str] = ("job_name", "namespace", "queue_name", "dead_letter_queue")
+    operator_extra_links = (RabbitMQQueueLink(),)
 
     def __init__(self, *, job_name: str, namespace: str = "default", queue_name: str | None = None,
                  dead_letter_queue: str | None = None, fail_on_dead_letters: bool = True,
@@ -65,6 +67,8 @@ class JobCompleteSensor(BaseSensorOperator):
         return Verification(self.amqp_conn_id, self.queue_name, self.dead_letter_queue, self.fail_on_dead_letters)
 
     def execute(self, context: Context) -> Any:
+        if self.queue_name:
+            RabbitMQQueueLink.persist(context, amqp_conn_id=self.amqp_conn_id, queue_name=self.queue_name, log=self.log)
         if not self.deferrable:
             return super().execute(context)
         result = self.poke(context)
