@@ -98,7 +98,8 @@ class _ConfirmedPublish:
     def _on_connection_closed(self, connection: pika.SelectConnection, reason: BaseException) -> None:
         if self.error is None and not self._done():
             self.error = PublishError(
-                f"The connection to {self.settings.address} closed while publishing ({reason})",
+                f"The connection to {self.settings.address} closed while publishing to queue {self.routing_key!r} "
+                f"({reason}); retrying the fill republishes every item exactly once",
                 confirmed=self.confirmed, total=self.total,
             )
         connection.ioloop.stop()
@@ -114,7 +115,9 @@ class _ConfirmedPublish:
 
     def _on_channel_closed(self, _channel: pika.channel.Channel, reason: BaseException) -> None:
         if not self._done():
-            self._fail(PublishError(f"The broker closed the publishing channel ({reason})",
+            self._fail(PublishError(f"The broker at {self.settings.address} closed the channel publishing to queue "
+                                    f"{self.routing_key!r} ({reason}); retrying the fill republishes every item "
+                                    "exactly once",
                                     confirmed=self.confirmed, total=self.total))
         else:
             self._close()

@@ -5,7 +5,10 @@
 - on failure it is rejected (requeued, or dead-lettered with ``dead_letter=True``) and the
   consumer exits non-zero, so Kubernetes sees the failure;
 - an empty queue ends the consumer at once with exit 0 instead of blocking forever;
-- ``max_items`` takes up to N items; ``max_items=None`` drains the queue in one process.
+- ``max_items`` takes up to N items; ``max_items=None`` drains the queue in one process;
+- an item whose command runs past the broker's ``consumer_timeout`` has already been requeued by
+  the broker (it closes the channel): the command is stopped at once and the consumer exits
+  ``EXIT_REQUEUED``, so the item is never completed twice (raise ``consumer_timeout`` for long items).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 from types import FrameType
 
 import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel
 
 from workqueue_provider.amqp.connection import BrokerSettings, open_connection
 from workqueue_provider.exceptions import BrokerError, ConfigurationError
@@ -29,6 +33,7 @@ log = logging.getLogger("workqueue-consume")
 
 EXIT_OK = 0
 EXIT_BROKER = 69  # EX_UNAVAILABLE: broker unreachable, refused, or queue missing
+EXIT_REQUEUED = 75  # EX_TEMPFAIL: the broker took the item back (consumer_timeout) while the command ran
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,13 @@ class _Stop(Exception):
         self.signum = signum
 
 
+class _Requeued(Exception):
+    """The broker closed the channel while the command ran: the item went back to the queue."""
+
+    def __init__(self, reason: BaseException | None):
+        self.reason = reason
+
+
 def consume(settings: BrokerSettings, options: ConsumeOptions) -> ConsumeResult:
     """Process items until the limit, an empty queue, or the first failure."""
     result = ConsumeResult()
@@ -76,7 +88,7 @@ def consume(settings: BrokerSettings, options: ConsumeOptions) -> ConsumeResult:
             if method is None:
                 log.info("Queue %r is empty; %d item(s) processed.", options.queue, result.processed)
                 break
-            code = _run(connection, options.command, body)
+            code = _run(connection, channel, options.command, body)
             if code == 0:
                 channel.basic_ack(method.delivery_tag)
                 result.processed += 1
@@ -87,6 +99,17 @@ def consume(settings: BrokerSettings, options: ConsumeOptions) -> ConsumeResult:
             log.error("Command exited %d on an item of %r; the item was %s.", code, options.queue,
                       "dead-lettered" if options.dead_letter else "requeued")
             break
+    except _Requeued as requeued:
+        reason = requeued.reason
+        detail = f"{reason.reply_code} {reason.reply_text}" if isinstance(reason, pika.exceptions.ChannelClosedByBroker) \
+            else repr(reason)
+        log.error("The broker took the item back while the command was still running (%s): usually RabbitMQ's "
+                  "consumer_timeout (default 30 min) is shorter than the item's run time. The command was stopped, so "
+                  "the item is not completed twice; it is back in queue %r. Raise consumer_timeout above the longest "
+                  "item (rabbitmq.conf consumer_timeout, or x-consumer-timeout per queue on RabbitMQ >= 3.12).",
+                  detail, options.queue)
+        result.failed += 1
+        result.exit_code = EXIT_REQUEUED
     except _Stop as stop:
         log.warning("Stopped by signal %d; the current item goes back to the queue.", stop.signum)
         result.exit_code = 128 + stop.signum
@@ -102,8 +125,11 @@ def consume(settings: BrokerSettings, options: ConsumeOptions) -> ConsumeResult:
     return result
 
 
-def _run(connection: pika.BlockingConnection, command: Sequence[str], body: bytes) -> int:
-    """Run the command with ``body`` on stdin, keeping the connection's heartbeats going meanwhile."""
+def _run(connection: pika.BlockingConnection, channel: BlockingChannel, command: Sequence[str], body: bytes) -> int:
+    """Run the command with ``body`` on stdin, keeping the connection's heartbeats going meanwhile.
+
+    Raises :class:`_Requeued` (after stopping the command) if the broker closes the channel meanwhile.
+    """
     with tempfile.TemporaryFile() as stdin:
         stdin.write(body)
         stdin.seek(0)
@@ -127,6 +153,9 @@ def _run(connection: pika.BlockingConnection, command: Sequence[str], body: byte
                 break
             except subprocess.TimeoutExpired:
                 connection.process_data_events(time_limit=0)
+                if channel.is_closed:  # consumer_timeout: the item is already back in the queue
+                    _stop(process)
+                    raise _Requeued(getattr(channel, "_closing_reason", None)) from None
                 wait = min(wait * 2, 1.0)
     finally:
         for sig, handler in previous.items():
@@ -134,3 +163,12 @@ def _run(connection: pika.BlockingConnection, command: Sequence[str], body: byte
         if process.poll() is None:
             process.kill()
     return code if code >= 0 else 128 - code
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

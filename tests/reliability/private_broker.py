@@ -1,0 +1,140 @@
+"""A private rabbitmq-server node for tests that restart or reconfigure their broker.
+
+The shared broker on 127.0.0.1:5672 is never restarted or reconfigured: tests that need a broker
+restart, a short ``consumer_timeout`` or a TLS listener start their own node here, with its own
+node name, ports, data dir, logs, config and Erlang cookie (all under a temp dir).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from tests.cluster.local_cluster import free_port
+
+RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
+STARTUP_TIMEOUT = 120
+
+
+class PrivateBrokerError(RuntimeError):
+    pass
+
+
+class PrivateBroker:
+    """``rabbitmq-server`` in the foreground on 127.0.0.1:<free port>, user ``user``/<random password>.
+
+    ``config`` lines are appended to its rabbitmq.conf; ``advanced`` is an Erlang term list for
+    advanced.config (e.g. ``[{rabbit, [{channel_tick_interval, 1000}]}]``).
+    """
+
+    def __init__(self, *, config: list[str] | None = None, advanced: str | None = None, tls_port: bool = False):
+        self.base = Path(tempfile.mkdtemp(prefix="workqueue-rabbit-"))
+        self.port = free_port()
+        self.dist_port = free_port()
+        self.tls_port = free_port() if tls_port else None
+        self.node = f"wq-{secrets.token_hex(4)}@localhost"
+        self.user = "workqueue"
+        self.password = secrets.token_urlsafe(24)
+        self.config = list(config or [])
+        self.advanced = advanced
+        self.process: subprocess.Popen | None = None
+        for sub in ("mnesia", "log", "home"):
+            (self.base / sub).mkdir()
+        cookie = self.base / "home" / ".erlang.cookie"
+        cookie.write_text(secrets.token_hex(16))
+        cookie.chmod(0o400)
+
+    @property
+    def url(self) -> str:
+        return f"amqp://{self.user}:{self.password}@127.0.0.1:{self.port}/"
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({
+            "HOME": str(self.base / "home"),
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_MNESIA_BASE": str(self.base / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.base / "log"),
+            "RABBITMQ_LOGS": str(self.base / "log" / "rabbit.log"),
+            "RABBITMQ_CONFIG_FILE": str(self.base / "rabbitmq.conf"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(self.base / "advanced.config"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.base / "enabled_plugins"),
+            "RABBITMQ_PID_FILE": str(self.base / "rabbitmq.pid"),
+        })
+        return env
+
+    def start(self) -> PrivateBroker:
+        lines = ["loopback_users = none", f"default_user = {self.user}", f"default_pass = {self.password}",
+                 *self.config]
+        if self.tls_port:
+            lines.append(f"listeners.ssl.default = {self.tls_port}")
+        conf = self.base / "rabbitmq.conf"
+        conf.write_text("\n".join(lines) + "\n")
+        conf.chmod(0o600)
+        (self.base / "advanced.config").write_text((self.advanced or "[]") + ".\n")
+        (self.base / "enabled_plugins").write_text("[].\n")
+        self._spawn()
+        return self
+
+    def _spawn(self) -> None:
+        out = open(self.base / "log" / "stdout.log", "ab")
+        try:
+            self.process = subprocess.Popen([str(RABBITMQ_BIN / "rabbitmq-server")], env=self.env(), stdout=out,
+                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            start_new_session=True)
+        finally:
+            out.close()
+        self.wait_until_running()
+
+    def ctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([str(RABBITMQ_BIN / "rabbitmqctl"), "-n", self.node, *args], env=self.env(),
+                              capture_output=True, text=True, timeout=timeout)
+
+    def wait_until_running(self) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise PrivateBrokerError(f"rabbitmq-server exited {self.process.returncode}:\n{self.log_tail()}")
+            if self.ctl("await_startup", "--timeout", "10", timeout=30).returncode == 0:
+                return
+            time.sleep(0.3)
+        raise PrivateBrokerError(f"rabbitmq node {self.node} did not start in {STARTUP_TIMEOUT} s:\n{self.log_tail()}")
+
+    def stop_app(self) -> None:
+        """Stop the RabbitMQ application (connections dropped, data kept), the Erlang VM stays."""
+        result = self.ctl("stop_app")
+        if result.returncode != 0:
+            raise PrivateBrokerError(f"stop_app failed: {result.stderr}")
+
+    def start_app(self) -> None:
+        result = self.ctl("start_app")
+        if result.returncode != 0:
+            raise PrivateBrokerError(f"start_app failed: {result.stderr}")
+        self.wait_until_running()
+
+    def log_tail(self, lines: int = 40) -> str:
+        text = ""
+        for name in ("stdout.log", "rabbit.log"):
+            path = self.base / "log" / name
+            if path.exists():
+                text += "".join(path.read_text(errors="replace").splitlines(keepends=True)[-lines:])
+        return text
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.ctl("stop", timeout=60)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+        shutil.rmtree(self.base, ignore_errors=True)
