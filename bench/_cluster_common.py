@@ -24,8 +24,13 @@ RESULTS = REPO / "bench" / "results"
 BROKER_URL = os.environ.get("WORKQUEUE_BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
 VENV_BIN = Path(sys.executable).parent
 
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+# This checkout's provider, whatever the venv's editable install points at (pods get it too: WORKER_ENV).
+for _path in (REPO / "provider", REPO):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "provider")]
+                                           + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+WORKER_ENV = {"PYTHONPATH": str(REPO / "provider")}
 
 
 def setup_airflow_env() -> None:

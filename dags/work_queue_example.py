@@ -37,6 +37,10 @@ with DAG(
                        type="array", items={"type": "string", "minLength": 1}, title="Work items",
                        description="One message per item; each worker pod processes one."),
         "parallelism": Param(2, type="integer", minimum=1, maximum=100, title="Pods at once"),
+        "items_per_pod": Param(1, type=["null", "integer"], minimum=1, title="Items per pod",
+                               description="How many items each pod takes (completions = items / this). "
+                                           "Empty (null) = drain mode: each pod takes items until the queue is empty, "
+                                           "best for many short items."),
         "image": Param(os.environ.get("WORKQUEUE_WORKER_IMAGE", "job-wq-1"), type="string", minLength=1,
                        title="Worker image", description="Image whose command consumes one item (see worker/)."),
         "namespace": Param(os.environ.get("WORKQUEUE_NAMESPACE", "default"), type="string",
@@ -59,6 +63,7 @@ with DAG(
         queue_name=QUEUE,
         namespace="{{ params.namespace }}",
         parallelism="{{ params.parallelism }}",
+        items_per_pod="{{ params.items_per_pod }}",
         pod_broker_host="{{ params.pod_broker_host }}",
         wait_for_completion=False,  # the sensor below waits, so the UI shows launch and wait apart
         ttl_seconds_after_finished=3600,

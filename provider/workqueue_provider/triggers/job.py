@@ -23,6 +23,7 @@ from workqueue_provider.kube.job_status import JobAssessment, assess
 
 WATCH_SECONDS = 290  # below the API server's default --min-request-timeout range, so reconnects are rare
 RECONNECT_DELAYS = (0.5, 1, 2, 5, 10)
+WATCH_CLIENT_GRACE = 10  # client-side timeout of a watch = its server-side timeout + this
 
 
 def _airflow_3_3_plus() -> bool:
@@ -105,7 +106,10 @@ class JobCompleteTrigger(BaseTrigger):
                     async with async_watch.Watch() as watch:
                         stream = watch.stream(batch.list_namespaced_job, self.namespace, field_selector=selector,
                                               resource_version=resource_version, timeout_seconds=timeout,
-                                              allow_watch_bookmarks=True)
+                                              allow_watch_bookmarks=True,
+                                              # the cncf hook's client otherwise cuts every request (this watch
+                                              # too) at 60 s client-side: a reconnect a minute
+                                              _request_timeout=timeout + WATCH_CLIENT_GRACE)
                         async for event in _chain(events, stream):
                             failures = 0
                             job = event["raw_object"]

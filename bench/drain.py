@@ -1,0 +1,120 @@
+"""Issue 5 target 4: short items, drain mode vs one item per pod, same parallelism, on the local control plane.
+
+    PYTHONPATH=. python bench/drain.py            # drain: 1,000 items; one per pod: 200 items, scaled x5
+    PYTHONPATH=. python bench/drain.py --full     # one per pod on all 1,000 items too (about 5x longer)
+    PYTHONPATH=. python bench/drain.py --quick    # 200 / 50 items (a smoke run)
+
+Each item is about 10 ms of work: the worker command is ``sh -c 'awk 1 >> "$OUT"; sleep 0.01'``
+(reads the item from stdin and appends it as one line to a file shared by the Job's pods: one
+write per item, so lines never interleave), run per item by ``workqueue-consume`` as the Job's
+container command (image ``bench-drain-worker`` in the node agent's image table).
+
+Both modes run through QueueJobOperator.execute() with parallelism 10 (``items_per_pod=None``:
+drain, completions unset, WORKQUEUE_MAX_ITEMS=0; ``items_per_pod=1``: completions = items, one
+pod per item), waiting in the worker (``deferrable=False``, ``poll_interval=0.5``) so the time is
+Job creation -> Complete -> queue verified empty. Verified completion is checked again here:
+queue empty, the output file holds every item exactly once.
+
+One item per pod costs a pod start per item (the local agent starts a process per pod, and the
+Job controller creates pods in waves of ``parallelism``), so its time grows linearly in items at a
+fixed parallelism: it is measured on fewer items and scaled, unless ``--full``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cluster_common import (  # noqa: E402
+    WORKER_ENV, bench_queue, check_lines, delete_job, queue_depth, set_kube_conn, setup_airflow_env, task_context, verdict,
+    write_result,
+)
+
+setup_airflow_env()
+
+IMAGE = "bench-drain-worker"
+WORKER = ["sh", "-c", "exec {venv_bin}/workqueue-consume sh -c 'awk 1 >> \"$OUT\"; sleep 0.01'"]
+TARGET = 5.0
+
+
+def run_mode(cluster: Any, out_dir: Path, items: int, items_per_pod: int | None, parallelism: int) -> dict[str, Any]:
+    from workqueue_provider.operators.job import QueueJobOperator
+    from workqueue_provider.operators.queue import DeclareQueueOperator, FillQueueOperator
+
+    mode = "drain" if items_per_pod is None else f"{items_per_pod}-per-pod"
+    expected = [f"item-{i:06d}" for i in range(items)]
+    out = out_dir / f"{mode}-{items}.out"
+    with bench_queue("drain") as queue:
+        ctx = task_context(task_id=f"drain-{mode}")
+        DeclareQueueOperator(task_id="declare", queue_name=queue).execute(ctx)
+        FillQueueOperator(task_id="fill", queue_name=queue, items=expected).execute(ctx)
+        operator = QueueJobOperator(task_id=f"job-{mode}", image=IMAGE, queue_name=queue, parallelism=parallelism,
+                                    items_per_pod=items_per_pod, env={"OUT": str(out)}, deferrable=False, poll_interval=0.5)
+        started = time.monotonic()
+        summary = operator.execute(ctx)
+        seconds = time.monotonic() - started
+        left = queue_depth(queue)
+        delete_job(cluster, summary["job_name"])
+    check = check_lines(out, expected)
+    result = {"mode": mode, "items": items, "parallelism": parallelism, "seconds": round(seconds, 2),
+              "items_per_second": round(items / seconds, 1), "pods_succeeded": summary["succeeded"],
+              "queue_left": left, "verified": summary.get("items_left") == 0 and left == 0 and check["exactly_once"],
+              **{f"output_{k}": v for k, v in check.items()}}
+    print(f"drain: {mode:>10}: {items} items in {seconds:.1f} s ({result['items_per_second']:.0f} items/s), "
+          f"{summary['succeeded']} pods; queue left {left}; output lines {check['lines']}, exactly once: "
+          f"{check['exactly_once']}", flush=True)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--items", type=int, default=1000)
+    parser.add_argument("--per-pod-items", type=int, default=200, help="items for the one-per-pod run (scaled)")
+    parser.add_argument("--full", action="store_true", help="one-per-pod on --items as well")
+    parser.add_argument("--quick", action="store_true", help="200 items drained, 50 one per pod")
+    parser.add_argument("--parallelism", type=int, default=10)
+    a = parser.parse_args()
+    items = 200 if a.quick else a.items
+    per_pod_items = items if a.full else (50 if a.quick else min(a.per_pod_items, items))
+
+    from tests.cluster.local_cluster import LocalCluster
+
+    with LocalCluster(images={IMAGE: {"entrypoint": WORKER, "env": WORKER_ENV}}) as cluster, \
+            tempfile.TemporaryDirectory(prefix="bench-drain-") as tmp:
+        print(f"drain: control plane up in {cluster.startup_seconds:.1f} s", flush=True)
+        set_kube_conn("kubernetes_default", cluster.kubeconfig)
+        out_dir = Path(tmp)
+        runs = [
+            run_mode(cluster, out_dir, per_pod_items, 1, a.parallelism),
+            run_mode(cluster, out_dir, items, None, a.parallelism),
+        ]
+        if per_pod_items != items:
+            runs.append(run_mode(cluster, out_dir, per_pod_items, None, a.parallelism))  # same count, for the record
+
+    per_pod, drain = runs[0], runs[1]
+    per_pod_scaled = per_pod["seconds"] * items / per_pod["items"]
+    ratio = per_pod_scaled / drain["seconds"]
+    verified = all(r["verified"] for r in runs)
+    ok = ratio >= TARGET and verified
+    scaled_note = "" if per_pod["items"] == items else f" (measured on {per_pod['items']} items, scaled x{items / per_pod['items']:g})"
+    print()
+    print(f"Target 4, drain mode ({items} items of ~10 ms, parallelism {a.parallelism}{', QUICK' if a.quick else ''}):")
+    print(f"  drain {drain['seconds']:.1f} s vs one item per pod {per_pod_scaled:.1f} s{scaled_note}: "
+          f"{ratio:.1f}x faster; target >= {TARGET:g}x: {verdict(ratio >= TARGET)}")
+    print(f"  verified completion (queue empty, every item exactly once) in every run: {verdict(verified)}")
+    write_result("drain" + ("_quick" if a.quick else ""), {
+        "command": "PYTHONPATH=. python bench/drain.py" + (" --quick" if a.quick else "") + (" --full" if a.full else ""),
+        "worker": WORKER, "runs": runs, "drain_seconds": drain["seconds"],
+        "per_pod_seconds_scaled": round(per_pod_scaled, 1), "per_pod_scaled_from_items": per_pod["items"],
+        "ratio": round(ratio, 1), "target": TARGET, "target_met": ok, "verified": verified,
+    })
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

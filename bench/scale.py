@@ -1,0 +1,208 @@
+"""Issue 5 target 5: 100,000 items through the example DAG in drain mode, parallelism 10, local control plane.
+
+    PYTHONPATH=. python bench/scale.py                 # 100,000 items (and the 8-item reference run)
+    PYTHONPATH=. python bench/scale.py --items 5000    # a smaller run (a smoke test)
+
+Runs ``airflow dags test work_queue_example`` (isolated AIRFLOW_HOME, connections to the local
+control plane and the local RabbitMQ: scripts/demo.py's airflow_env) with conf
+``{"items": [...], "parallelism": 10, "items_per_pod": null, "image": "bench-scale-worker"}``.
+The conf of 100,000 items is ~1 MB of JSON, past Linux's 128 KiB limit for one command-line
+argument (MAX_ARG_STRLEN), so the CLI is started as ``python -c`` that reads the conf from a
+file into ``sys.argv`` and calls ``airflow.__main__.main()``: the same command, in-process.
+
+Checks:
+- the DAG run succeeds (its sensor verifies the Job Complete and the queue empty);
+- every item processed exactly once: the worker command is ``dd oflag=append`` of the item (fixed
+  width, 7 bytes, one write) into one file, which must hold each item exactly once;
+- peak RSS of the ``airflow dags test`` process tree (psutil, sampled every 0.2 s; tasks and
+  triggers run inside that process under ``dags test``) within 100 MB of the same DAG with 8 items;
+- the log shows progress throughout: progress lines of fill (``Published``) and of the wait (Job
+  progress / queue depth), and the longest silence between log lines while the Job runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cluster_common import REPO, WORKER_ENV, verdict, write_result  # noqa: E402
+
+sys.path.insert(0, str(REPO / "scripts"))
+from demo import airflow, airflow_env, dag_run_succeeded  # noqa: E402
+
+IMAGE = "bench-scale-worker"
+MEMORY_BUDGET_MB = 100
+WIDTH = 7  # "i000001"
+LAUNCH = ("import json, sys; from airflow.__main__ import main; "
+          "sys.argv = ['airflow', 'dags', 'test', 'work_queue_example', '--conf', open(sys.argv[1]).read()]; main()")
+TIMESTAMP = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+)Z")
+
+
+def item(i: int) -> str:
+    return f"i{i:06d}"
+
+
+class TreeSampler(threading.Thread):
+    """Peak RSS of a process and its descendants (sum), and of the process alone, every 0.2 s."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        import psutil
+
+        self.root = psutil.Process(pid)
+        self.peak_tree = 0
+        self.peak_root = 0
+        self.samples = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        while not self.stop.is_set():
+            try:
+                procs = [self.root, *self.root.children(recursive=True)]
+                total = 0
+                for p in procs:
+                    try:
+                        rss = p.memory_info().rss
+                    except psutil.Error:
+                        continue
+                    total += rss
+                    if p.pid == self.root.pid:
+                        self.peak_root = max(self.peak_root, rss)
+                self.peak_tree = max(self.peak_tree, total)
+                self.samples += 1
+            except psutil.Error:
+                break
+            self.stop.wait(0.2)
+
+
+def run_dag(cluster: Any, home: str, conf: dict[str, Any], log_path: Path) -> dict[str, Any]:
+    env = airflow_env(str(cluster.kubeconfig), home)
+    migrated = airflow(["db", "migrate"], env, echo=False)
+    if migrated.returncode != 0:
+        raise RuntimeError(f"airflow db migrate failed:\n{migrated.stdout[-3000:]}")
+    conf_file = Path(home) / "conf.json"
+    conf_file.write_text(json.dumps(conf))
+    started = time.monotonic()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, "-c", LAUNCH, str(conf_file)], env=env, stdout=log,
+                                   stderr=subprocess.STDOUT, text=True)
+        sampler = TreeSampler(process.pid)
+        sampler.start()
+        process.wait()
+        sampler.stop.set()
+        sampler.join()
+    seconds = time.monotonic() - started
+    text = log_path.read_text(errors="replace")
+    result = subprocess.CompletedProcess(process.args, process.returncode, text, "")
+    return {"seconds": round(seconds, 1), "returncode": process.returncode, "succeeded": dag_run_succeeded(result),
+            "peak_rss_tree_mb": round(sampler.peak_tree / 2**20, 1), "peak_rss_main_mb": round(sampler.peak_root / 2**20, 1),
+            "rss_samples": sampler.samples, **progress(text)}
+
+
+def progress(text: str) -> dict[str, Any]:
+    """Progress lines, and the longest silence in the log between the Job's creation and the end of the wait."""
+    lines = text.splitlines()
+    fill = [ln for ln in lines if "Published" in ln or "Encoded" in ln]
+    wait = [ln for ln in lines if re.search(r"Job \S+: succeeded|items left|in the queue|queue depth", ln)]
+    deferred = [ln for ln in lines if "defer" in ln.lower()]
+    stamps = []
+    in_job = False
+    for ln in lines:
+        if "Created Job" in ln:
+            in_job = True
+        m = TIMESTAMP.match(ln)
+        if in_job and m:
+            stamps.append(time.mktime(time.strptime(m.group(1)[:19], "%Y-%m-%dT%H:%M:%S")) + float("0." + m.group(1)[20:]))
+        if "is Complete" in ln:
+            in_job = False
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return {"fill_progress_lines": len(fill), "wait_progress_lines": len(wait), "deferred_lines": len(deferred),
+            "longest_silence_during_job_s": round(max(gaps), 1) if gaps else None,
+            "wait_progress_sample": [ln[:160] for ln in wait[:3] + wait[-3:]]}
+
+
+def check_output(path: Path, items: int) -> dict[str, Any]:
+    data = path.read_bytes() if path.exists() else b""
+    chunks = [data[i:i + WIDTH] for i in range(0, len(data), WIDTH)]
+    counts: dict[bytes, int] = {}
+    for c in chunks:
+        counts[c] = counts.get(c, 0) + 1
+    want = {item(i).encode() for i in range(items)}
+    missing = len(want - counts.keys())
+    duplicated = sum(1 for n in counts.values() if n > 1)
+    unexpected = sum(1 for c in counts if c not in want)
+    return {"processed_records": len(chunks), "distinct": len(counts), "missing": missing, "duplicated": duplicated,
+            "unexpected": unexpected,
+            "exactly_once": len(data) % WIDTH == 0 and len(chunks) == items and not missing and not duplicated}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--items", type=int, default=100_000)
+    parser.add_argument("--parallelism", type=int, default=10)
+    parser.add_argument("--reference-items", type=int, default=8)
+    a = parser.parse_args()
+
+    from tests.cluster.local_cluster import LocalCluster
+
+    runs: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
+        out = Path(tmp) / "processed.bin"
+        worker = ["sh", "-c", f"exec {{venv_bin}}/workqueue-consume dd of={out} oflag=append conv=notrunc status=none"]
+        with LocalCluster(images={IMAGE: {"entrypoint": worker, "env": WORKER_ENV}}) as cluster:
+            print(f"scale: control plane up in {cluster.startup_seconds:.1f} s", flush=True)
+            for label, count in (("reference", a.reference_items), ("scale", a.items)):
+                out.unlink(missing_ok=True)
+                home = tempfile.mkdtemp(prefix=f"airflow-{label}-", dir=tmp)
+                conf = {"items": [item(i) for i in range(count)], "parallelism": a.parallelism,
+                        "items_per_pod": None, "image": IMAGE}
+                log_path = REPO / "bench" / "results" / f"scale-{label}.log"
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                print(f"scale: {label}: {count} items through the example DAG (drain mode, parallelism "
+                      f"{a.parallelism}); log {log_path.relative_to(REPO)}", flush=True)
+                run = run_dag(cluster, home, conf, log_path)
+                run.update(items=count, **check_output(out, count))
+                run["seconds_per_1000_items"] = round(run["seconds"] * 1000 / count, 2)
+                runs[label] = run
+                print(f"scale: {label}: {'succeeded' if run['succeeded'] else 'FAILED'} in {run['seconds']} s; "
+                      f"processed {run['processed_records']} (exactly once: {run['exactly_once']}); peak RSS tree "
+                      f"{run['peak_rss_tree_mb']} MB (main {run['peak_rss_main_mb']} MB); progress lines fill "
+                      f"{run['fill_progress_lines']}, wait {run['wait_progress_lines']}; longest silence during the Job "
+                      f"{run['longest_silence_during_job_s']} s", flush=True)
+
+    ref, big = runs["reference"], runs["scale"]
+    growth = big["peak_rss_tree_mb"] - ref["peak_rss_tree_mb"]
+    completed = big["succeeded"] and big["exactly_once"]
+    memory_ok = growth <= MEMORY_BUDGET_MB
+    progress_ok = big["wait_progress_lines"] >= 3 and (big["longest_silence_during_job_s"] or 0) <= 120
+    print()
+    print(f"Target 5, scale ({a.items} items, drain mode, parallelism {a.parallelism}):")
+    print(f"  completed, every item exactly once: {verdict(completed)} ({big['processed_records']} records, "
+          f"{big['missing']} missing, {big['duplicated']} duplicated)")
+    print(f"  wall time {big['seconds']} s = {big['seconds_per_1000_items']} s per 1,000 items "
+          f"(8-item run: {ref['seconds']} s)")
+    print(f"  peak RSS of the dags-test process tree {big['peak_rss_tree_mb']} MB vs {ref['peak_rss_tree_mb']} MB with "
+          f"{a.reference_items} items: +{growth:.1f} MB; target <= +{MEMORY_BUDGET_MB} MB: {verdict(memory_ok)}")
+    print(f"  progress in the log: fill {big['fill_progress_lines']} lines, wait {big['wait_progress_lines']} lines, "
+          f"longest silence while the Job ran {big['longest_silence_during_job_s']} s: {verdict(progress_ok)}")
+    write_result("scale", {
+        "command": f"PYTHONPATH=. python bench/scale.py --items {a.items}", "worker": "workqueue-consume dd oflag=append",
+        "runs": runs, "memory_growth_mb": round(growth, 1), "memory_target_met": memory_ok, "completed": completed,
+        "progress_target_met": progress_ok, "seconds_per_1000_items": big["seconds_per_1000_items"],
+    })
+    return 0 if completed and memory_ok and progress_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
