@@ -485,6 +485,19 @@ class LocalCluster:
                     pass
             time.sleep(0.1)
 
+    # -- faults
+    def restart_apiserver(self, down_seconds: float = 0.0) -> float:
+        """Stop kube-apiserver (SIGTERM, then SIGKILL) and start it again with the same arguments and
+        port, keeping etcd (and so every object and resourceVersion); returns the seconds it was away.
+        Watches and connections to it drop meanwhile: a fault for tests of clients that must reconnect."""
+        old = self.procs["kube-apiserver"]
+        started = time.monotonic()
+        self._terminate(old, 5.0)
+        time.sleep(down_seconds)
+        self._spawn("kube-apiserver", list(old.args))
+        self._wait(lambda: self._http_ok(f"{self.server}/readyz", token=self.admin_token), "kube-apiserver /readyz")
+        return time.monotonic() - started
+
     # -- users and clients
     def token_for(self, user: str) -> str:
         """Bearer token of a user declared at start (DEFAULT_USERS or ``users=``)."""

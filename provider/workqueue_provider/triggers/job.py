@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 from airflow.providers.cncf.kubernetes.hooks.kubernetes import AsyncKubernetesHook
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 from kubernetes_asyncio import client as async_client
@@ -136,7 +137,7 @@ class JobCompleteTrigger(BaseTrigger):
                         return
                     failures += 1
                     self.log.warning("Watch of Job %s failed (%s %s); reconnecting.", self.job_name, e.status, e.reason)
-                except (OSError, asyncio.TimeoutError) as e:
+                except (OSError, asyncio.TimeoutError, aiohttp.ClientError) as e:  # e.g. the API server restarted
                     failures += 1
                     self.log.warning("Watch of Job %s dropped (%r); reconnecting.", self.job_name, e)
                 if failures:

@@ -1,0 +1,212 @@
+"""Faults on the Job side, on the real broker and the local control plane: a worker SIGKILLed while it
+holds an item, the triggerer restarted mid-wait, the API server restarted mid-wait (and a 410 Gone),
+and a poison item that ends in the dead-letter queue."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import structlog.testing
+from airflow.sdk.exceptions import TaskDeferred
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from tests.conftest import task_context, worker_output
+from workqueue_provider.exceptions import JobError
+from workqueue_provider.hooks.amqp import AmqpHook
+from workqueue_provider.operators.job import QueueJobOperator
+from workqueue_provider.operators.queue import DeclareQueueOperator, FillQueueOperator
+from workqueue_provider.triggers import job as trigger_module
+from workqueue_provider.triggers.job import JobCompleteTrigger
+
+pytestmark = [pytest.mark.integration, pytest.mark.cluster]
+VENV_BIN = Path(sys.executable).parent
+
+
+def filled(queue, items, **declare):
+    DeclareQueueOperator(task_id="declare", queue_name=queue, **declare).execute(task_context())
+    FillQueueOperator(task_id="fill", queue_name=queue, items=items).execute(task_context())
+
+
+def worker_script(tmp_path: Path, body: str) -> list[str]:
+    """A Job command: workqueue-consume running ``sh <script>`` per item (the item on stdin)."""
+    script = tmp_path / "worker.sh"
+    script.write_text("item=$(cat)\n" + body)
+    return ["sh", "-c", f"exec {VENV_BIN}/workqueue-consume sh {script}"]
+
+
+def job_op(queue, namespace, command, **kwargs):
+    kwargs.setdefault("deferrable", False)
+    kwargs.setdefault("poll_interval", 0.5)
+    kwargs.setdefault("timeout", 300)
+    return QueueJobOperator(task_id="run_job", queue_name=queue, namespace=namespace, image="job-wq-1",
+                            command=command, **kwargs)
+
+
+def processed(cluster, core, namespace, job_name) -> list[str]:
+    return sorted(line for line in worker_output(cluster, core, namespace, job_name) if line.startswith("Processing "))
+
+
+def wait_for_running_pod(core, namespace, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(p.status.phase == "Running" for p in core.list_namespaced_pod(namespace).items):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no pod of namespace {namespace} started within {timeout} s")
+
+
+def logged(caplog, captured) -> list[str]:
+    """What the trigger logged, through the stdlib or structlog (Airflow's task/trigger logger)."""
+    return [r.getMessage() for r in caplog.records] + [repr(e) for e in captured]
+
+
+async def first_event(trigger):
+    async for event in trigger.run():
+        return event.payload
+
+
+def test_a_worker_killed_with_sigkill_gets_its_item_redelivered(amqp_conn, kube_conn, cluster, core, namespace,
+                                                               queue_name, tmp_path):
+    items = ["apple", "victim", "cherry", "date"]
+    filled(queue_name, items)
+    marker = tmp_path / "killed"
+    command = worker_script(tmp_path, f"""
+if [ "$item" = victim ] && mkdir {marker} 2>/dev/null; then
+  echo "SIGKILL to the consumer $PPID holding $item" >&2
+  kill -9 $PPID
+  exit 1
+fi
+echo "Processing $item"
+""")
+    summary = job_op(queue_name, namespace, command).execute(task_context())
+    assert summary["succeeded"] == 4 and summary["items_left"] == 0
+    assert processed(cluster, core, namespace, summary["job_name"]) == sorted(f"Processing {i}" for i in items)
+    lines = worker_output(cluster, core, namespace, summary["job_name"])
+    assert sum("SIGKILL to the consumer" in line for line in lines) == 1
+    pods = core.list_namespaced_pod(namespace).items
+    restarts = sum(s.restart_count for p in pods for s in p.status.container_statuses or [])
+    print(f"\nSIGKILL: 1 kill, {restarts} container restart(s), victim processed once, {summary['succeeded']}/4 succeeded")
+    assert restarts == 1
+
+
+SLOW_ITEM = 'sleep 1.5\necho "Processing $item"\n'
+
+
+def test_a_restarted_triggerer_reattaches_to_the_same_job(amqp_conn, kube_conn, cluster, core, batch, namespace,
+                                                         queue_name, tmp_path):
+    items = ["a", "b", "c", "d"]
+    filled(queue_name, items)
+    command = worker_script(tmp_path, SLOW_ITEM)
+    with pytest.raises(TaskDeferred) as deferred:
+        job_op(queue_name, namespace, command, deferrable=True, parallelism=1).execute(task_context(try_number=1))
+    first = deferred.value.trigger
+    wait_for_running_pod(core, namespace)
+
+    async def interrupted():  # the triggerer dies while the trigger waits
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(first_event(first), timeout=1.5)
+        await first.cleanup()
+    asyncio.run(interrupted())
+    assert len(batch.list_namespaced_job(namespace).items) == 1, "cleanup on a triggerer restart keeps the Job"
+
+    # the task is run again (retry, same run): it re-attaches and defers on the same Job
+    operator = job_op(queue_name, namespace, command, deferrable=True, parallelism=1)
+    with pytest.raises(TaskDeferred) as again:
+        operator.execute(task_context(try_number=2))
+    path, kwargs = again.value.trigger.serialize()
+    assert kwargs["job_name"] == first.job_name
+    # a new triggerer builds the trigger from its serialized form
+    event = asyncio.run(asyncio.wait_for(first_event(JobCompleteTrigger(**kwargs)), timeout=120))
+    assert event["status"] == "succeeded"
+    summary = operator.execute_complete(task_context(try_number=2), event)
+    assert summary["succeeded"] == 4 and summary["items_left"] == 0
+    assert [j.metadata.name for j in batch.list_namespaced_job(namespace).items] == [first.job_name], "no second Job"
+    assert processed(cluster, core, namespace, first.job_name) == sorted(f"Processing {i}" for i in items)
+
+
+def test_the_watch_survives_an_api_server_restart(amqp_conn, kube_conn, cluster, core, namespace, queue_name,
+                                                 tmp_path, caplog):
+    items = ["a", "b", "c", "d"]
+    filled(queue_name, items)
+    command = worker_script(tmp_path, SLOW_ITEM)
+    launched = job_op(queue_name, namespace, command, wait_for_completion=False, parallelism=1).execute(task_context())
+    wait_for_running_pod(core, namespace)
+    caplog.set_level(logging.INFO)
+
+    async def wait_through_restart():
+        trigger = JobCompleteTrigger(kubernetes_conn_id=kube_conn, deadline=time.time() + 180, **launched)
+        waiting = asyncio.create_task(first_event(trigger))
+        await asyncio.sleep(1)  # the watch is open
+        away = await asyncio.to_thread(cluster.restart_apiserver)
+        return away, await asyncio.wait_for(waiting, timeout=150)
+
+    with structlog.testing.capture_logs() as captured:
+        away, event = asyncio.run(wait_through_restart())
+    assert event["status"] == "succeeded" and event["assessment"]["succeeded"] == 4, event
+    reconnects = [m for m in logged(caplog, captured) if "reconnecting" in m or "410" in m]
+    print(f"\nkube-apiserver away {away:.1f} s; the trigger logged: {reconnects}")
+    assert reconnects, "the watch noticed the restart"
+    operator = job_op(queue_name, namespace, command, parallelism=1)
+    summary = operator.execute_complete(task_context(), event)
+    assert summary["items_left"] == 0
+    assert processed(cluster, core, namespace, launched["job_name"]) == sorted(f"Processing {i}" for i in items)
+
+
+def test_a_410_gone_makes_the_watch_list_again(amqp_conn, kube_conn, cluster, namespace, queue_name, tmp_path,
+                                              monkeypatch, caplog):
+    filled(queue_name, ["a", "b"])
+    launched = job_op(queue_name, namespace, worker_script(tmp_path, SLOW_ITEM), wait_for_completion=False,
+                      parallelism=1).execute(task_context())
+    real_watch = trigger_module.async_watch.Watch
+    gone = {"raised": 0}
+
+    class ExpiringOnce(real_watch):
+        def stream(self, func, *args, **kwargs):
+            if not gone["raised"]:
+                gone["raised"] += 1
+                raise ApiException(status=410, reason="Gone: too old resource version")
+            return super().stream(func, *args, **kwargs)
+
+    monkeypatch.setattr(trigger_module.async_watch, "Watch", ExpiringOnce)
+    caplog.set_level(logging.INFO)
+    with structlog.testing.capture_logs() as captured:
+        event = asyncio.run(asyncio.wait_for(first_event(JobCompleteTrigger(kubernetes_conn_id=kube_conn, **launched)),
+                                             120))
+    assert event["status"] == "succeeded" and gone["raised"] == 1
+    assert any("410 Gone" in m and "listing it again" in m for m in logged(caplog, captured))
+
+
+def test_a_poison_item_ends_in_the_dead_letter_queue_and_is_reported(amqp_conn, kube_conn, cluster, core, namespace,
+                                                                    queue_name, tmp_path):
+    dead = f"{queue_name}.dead"
+    limit = 2
+    items = ["apple", "poison", "cherry", "date"]
+    filled(queue_name, items, delivery_limit=limit, dead_letter_queue=dead)
+    attempts = tmp_path / "attempts"
+    command = worker_script(tmp_path, f"""
+echo "$item" >> {attempts}
+if [ "$item" = poison ]; then echo "cannot process $item" >&2; exit 3; fi
+echo "Processing $item"
+""")
+    operator = job_op(queue_name, namespace, command, dead_letter_queue=dead, backoff_limit=10)
+    with pytest.raises(JobError) as raised:
+        operator.execute(task_context())
+    message = str(raised.value)
+    assert f"1 item(s) of Job" in message and f"dead-lettered into queue {dead!r}" in message, message
+    tries = attempts.read_text().splitlines()
+    print(f"\npoison: {tries.count('poison')} deliveries with delivery_limit={limit}; message: {message}")
+    assert tries.count("poison") == limit + 1 and all(tries.count(i) == 1 for i in items if i != "poison")
+
+    # reporting instead of failing: the summary says how many and where (re-attaches to the same Job)
+    summary = job_op(queue_name, namespace, command, dead_letter_queue=dead, backoff_limit=10,
+                     fail_on_dead_letters=False).execute(task_context(try_number=2))
+    assert summary["items_left"] == 0 and summary["dead_lettered"] == 1 and summary["dead_letter_queue"] == dead
+    assert summary["succeeded"] == 4
+    assert processed(cluster, core, namespace, summary["job_name"]) == sorted(f"Processing {i}" for i in items
+                                                                              if i != "poison")
+    assert AmqpHook().queue_depth(queue_name).messages == 0 and AmqpHook().queue_depth(dead).messages == 1
