@@ -3,6 +3,7 @@ work item that runs past the broker's consumer_timeout."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -21,7 +22,11 @@ from workqueue_provider.operators.queue import DeclareQueueOperator, FillQueueOp
 from workqueue_provider.worker.consume import EXIT_REQUEUED
 
 pytestmark = [pytest.mark.integration]
-WORKQUEUE_CONSUME = str(Path(sys.executable).parent / "workqueue-consume")
+REPO = Path(__file__).resolve().parents[2]
+# workqueue-consume from this checkout (the venv's console script may point at another install)
+WORKQUEUE_CONSUME = [sys.executable, "-m", "workqueue_provider.worker.cli"]
+CONSUME_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "provider"),
+                                                                          os.environ.get("PYTHONPATH")]))}
 
 
 def drain_bodies(url: str, queue: str) -> list[bytes]:
@@ -91,8 +96,8 @@ def test_a_broker_restart_mid_fill_then_the_retry_leaves_one_message_per_item(pr
 
 
 def consume(url: str, queue: str, script: str, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([WORKQUEUE_CONSUME, "--url", url, "-q", queue, *extra, "--", "sh", "-c", script],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run([*WORKQUEUE_CONSUME, "--url", url, "-q", queue, *extra, "--", "sh", "-c", script],
+                          capture_output=True, text=True, timeout=120, env=CONSUME_ENV)
 
 
 def test_an_item_running_past_the_consumer_timeout_is_not_completed_twice(private_broker, private_conn, tmp_path):
