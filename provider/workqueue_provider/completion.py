@@ -6,15 +6,22 @@ Used by QueueJobOperator and JobCompleteSensor. A Complete Job doesn't prove the
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Protocol
 
 from workqueue_provider.exceptions import JobError, QueueNotFoundError
 from workqueue_provider.hooks.amqp import AmqpHook
 from workqueue_provider.hooks.jobs import JobsHook
 from workqueue_provider.kube.job_status import JobAssessment, JobPhase, assess, condition
+
+
+class Log(Protocol):
+    """What this module needs of a logger (the stdlib's, or Airflow's task logger)."""
+
+    def info(self, msg: Any, /, *args: Any, **kwargs: Any) -> Any: ...
+
+    def warning(self, msg: Any, /, *args: Any, **kwargs: Any) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -27,7 +34,7 @@ class Verification:
     fail_on_dead_letters: bool = True
 
 
-def conclude(job: dict[str, Any], jobs: JobsHook, verification: Verification, log: logging.Logger) -> dict[str, Any]:
+def conclude(job: dict[str, Any], jobs: JobsHook, verification: Verification, log: Log) -> dict[str, Any]:
     """Return the run's summary for a Complete Job, or raise :class:`JobError` saying why it failed."""
     name, namespace = job["metadata"]["name"], job["metadata"]["namespace"]
     verdict = assess(job)
@@ -47,7 +54,26 @@ def conclude(job: dict[str, Any], jobs: JobsHook, verification: Verification, lo
     return summary
 
 
-def finish_from_event(event: dict[str, Any], jobs: JobsHook, verification: Verification, log: logging.Logger) -> dict[str, Any]:
+def stuck_error(name: str, namespace: str, jobs: JobsHook, grace_seconds: float | None, *,
+                deleted: bool = False) -> JobError | None:
+    """The error to raise when the Job's pods have waited longer than ``grace_seconds`` on an image that
+    can't be pulled (or a config that can't be created), else None: such a Job never finishes by itself.
+    ``deleted``: the caller deletes the Job before raising (the message says so)."""
+    if grace_seconds is None:
+        return None
+    stuck = jobs.stuck_containers(name, namespace, grace_seconds)
+    if not stuck:
+        return None
+    return JobError(
+        f"Job {namespace}/{name} can't start its pods (waiting more than {grace_seconds:g} s):"
+        + "".join(f"\n  - {line}" for line in stuck[:3])
+        + "\nCheck the image name and tag, that the registry is reachable, image_pull_secrets, and the "
+        "Secrets/ConfigMaps the pod uses. "
+        + ("The Job was deleted." if deleted else f"Delete the Job (kubectl -n {namespace} delete job {name}).")
+    )
+
+
+def finish_from_event(event: dict[str, Any], jobs: JobsHook, verification: Verification, log: Log) -> dict[str, Any]:
     """Turn a JobCompleteTrigger event into the summary (or the error), reading the Job's final state."""
     if event["status"] in ("timeout", "error"):
         raise JobError(event["message"])
@@ -57,7 +83,7 @@ def finish_from_event(event: dict[str, Any], jobs: JobsHook, verification: Verif
     return conclude(job, jobs, verification, log)
 
 
-def _verify_queue(job_name: str, verification: Verification, log: logging.Logger) -> dict[str, Any]:
+def _verify_queue(job_name: str, verification: Verification, log: Log) -> dict[str, Any]:
     amqp = AmqpHook(amqp_conn_id=verification.amqp_conn_id)
     queue = verification.queue_name
     assert queue is not None

@@ -58,21 +58,49 @@ def condition(job: dict[str, Any], kind: str) -> dict[str, Any] | None:
 def assess(job: dict[str, Any]) -> JobAssessment:
     """Done, failed or running, with counts, from a Job dict as the API returns it."""
     status = job.get("status") or {}
-    counts = dict(
+    failed = condition(job, "Failed") or condition(job, "FailureTarget")  # FailureTarget: no way back
+    complete = condition(job, "Complete")
+    finishing = condition(job, "SuccessCriteriaMet")
+    phase, decisive = (
+        (JobPhase.FAILED, failed) if failed
+        else (JobPhase.SUCCEEDED, complete) if complete
+        else (JobPhase.RUNNING, finishing)
+    )
+    return JobAssessment(
+        phase,
         succeeded=int(status.get("succeeded") or 0),
         failed=int(status.get("failed") or 0),
         active=int(status.get("active") or 0),
         completions=(job.get("spec") or {}).get("completions"),
+        reason=decisive.get("reason") if decisive else None,
+        message=decisive.get("message") if decisive else None,
+        finishing=phase is JobPhase.RUNNING and finishing is not None,
     )
-    failed = condition(job, "Failed") or condition(job, "FailureTarget")  # FailureTarget: no way back
-    if failed:
-        return JobAssessment(JobPhase.FAILED, **counts, reason=failed.get("reason"), message=failed.get("message"))
-    complete = condition(job, "Complete")
-    if complete:
-        return JobAssessment(JobPhase.SUCCEEDED, **counts, reason=complete.get("reason"), message=complete.get("message"))
-    finishing = condition(job, "SuccessCriteriaMet")
-    return JobAssessment(
-        JobPhase.RUNNING, **counts, finishing=finishing is not None,
-        reason=finishing.get("reason") if finishing else None,
-        message=finishing.get("message") if finishing else None,
-    )
+
+
+# Waiting reasons a pod doesn't leave on its own: the Job would wait forever (no pod fails, none runs).
+STUCK_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
+                 "CreateContainerConfigError", "CreateContainerError")
+
+
+def stuck_containers(pods: list[dict[str, Any]], *, now: float, grace_seconds: float) -> list[str]:
+    """One line per container of a pod older than ``grace_seconds`` that waits for a reason in
+    :data:`STUCK_REASONS`, naming the pod, the image and the kubelet's message."""
+    from datetime import datetime
+
+    lines = []
+    for pod in pods:
+        metadata, status = pod.get("metadata") or {}, pod.get("status") or {}
+        created = metadata.get("creationTimestamp")
+        if not created:
+            continue
+        created_at = created if isinstance(created, datetime) else datetime.fromisoformat(str(created).replace("Z", "+00:00"))
+        if now - created_at.timestamp() < grace_seconds:
+            continue
+        for container in (status.get("containerStatuses") or []) + (status.get("initContainerStatuses") or []):
+            waiting = (container.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in STUCK_REASONS:
+                message = (waiting.get("message") or "").strip()
+                lines.append(f"pod {metadata.get('name')} container {container.get('name')!r} image "
+                             f"{container.get('image')!r}: {waiting['reason']}" + (f" ({message[:300]})" if message else ""))
+    return lines

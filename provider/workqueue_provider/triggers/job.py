@@ -176,6 +176,7 @@ class JobCompleteTrigger(BaseTrigger):
         from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
 
         ti = self.task_instance
+        assert ti is not None
         states = await sync_to_async(RuntimeTaskInstance.get_task_states)(
             dag_id=ti.dag_id, task_ids=[ti.task_id], run_ids=[ti.run_id], map_index=ti.map_index)
         key = f"{ti.task_id}_{ti.map_index}" if ti.map_index >= 0 else ti.task_id
