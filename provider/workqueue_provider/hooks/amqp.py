@@ -16,6 +16,18 @@ from workqueue_provider.amqp.queues import QueueDepth, QueueSpec
 from workqueue_provider.connection_form import EXTRA_FIELDS, UI_BEHAVIOUR
 from workqueue_provider.exceptions import WorkQueueError
 
+def amqp_connection(conn_id: str) -> Any:
+    """The Airflow connection; a missing or malformed one raises ConfigurationError naming the fix."""
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    from workqueue_provider.hooks.connections import connection_error
+
+    try:
+        return BaseHook.get_connection(conn_id)
+    except AirflowNotFoundException as e:
+        raise connection_error(conn_id, kind="AMQP", example="amqp://user:password@rabbitmq-service:5672/%2F") from e
+
+
 class AmqpHook(BaseHook):
     """Talks to RabbitMQ through pika. Nothing connects until a method is called; each call opens
     one connection and always closes it.
@@ -61,7 +73,7 @@ class AmqpHook(BaseHook):
         (see :mod:`~workqueue_provider.hooks.broker_credentials`)."""
         from workqueue_provider.hooks import broker_credentials
 
-        conn = self.get_connection(self.amqp_conn_id)
+        conn = amqp_connection(self.amqp_conn_id)
         extras = {k.split("__")[-1]: v for k, v in conn.extra_dejson.items() if v not in (None, "")}
         base = BrokerSettings(
             host=conn.host or "",

@@ -15,7 +15,9 @@ from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
 from kubernetes.client import ApiException, BatchV1Api, CoreV1Api
 
 from workqueue_provider.exceptions import ConfigurationError, JobError, WorkQueueError
+from workqueue_provider.hooks.connections import connection_error, malformed_error
 from workqueue_provider.kube.job_manifest import owner_reference
+from workqueue_provider.kube.job_status import stuck_containers
 
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 
@@ -57,15 +59,34 @@ class JobsHook:
         return KubernetesHook(conn_id=self.kubernetes_conn_id)
 
     @cached_property
+    def api_client(self) -> Any:
+        """The connection's API client; a missing, malformed or unusable connection is a ConfigurationError."""
+        from airflow.sdk.exceptions import AirflowNotFoundException
+
+        about = {"kind": "Kubernetes", "example": '{"conn_type": "kubernetes", "extra": {"kube_config_path": "~/.kube/config"}}'}
+        malformed = malformed_error(self.kubernetes_conn_id, **about)
+        if malformed is not None:
+            raise malformed
+        try:
+            return self.kube.api_client
+        except AirflowNotFoundException as e:
+            raise connection_error(self.kubernetes_conn_id, **about) from e
+        except Exception as e:  # kubernetes ConfigException, a kubeconfig that isn't there or can't be read
+            raise ConfigurationError(
+                f"The Kubernetes connection {self.kubernetes_conn_id!r} can't be used ({type(e).__name__}: "
+                f"{str(e)[:200]}): fix its kube_config_path / in_cluster settings."
+            ) from e
+
+    @cached_property
     def batch(self) -> BatchV1Api:
-        return BatchV1Api(self.kube.api_client)
+        return BatchV1Api(self.api_client)
 
     @cached_property
     def core(self) -> CoreV1Api:
-        return CoreV1Api(self.kube.api_client)
+        return CoreV1Api(self.api_client)
 
     def as_dict(self, obj: Any) -> dict[str, Any]:
-        return self.kube.api_client.sanitize_for_serialization(obj)
+        return self.api_client.sanitize_for_serialization(obj)
 
     def get_job(self, name: str, namespace: str) -> dict[str, Any] | None:
         try:
@@ -124,6 +145,12 @@ class JobsHook:
         except ApiException as e:
             raise api_error(e, f"list the pods of Job {name!r}", namespace) from e
         return [self.as_dict(pod) for pod in pods.items]
+
+    def stuck_containers(self, name: str, namespace: str, grace_seconds: float) -> list[str]:
+        """Containers of the Job's pods stuck on a missing image or bad config (see :func:`stuck_containers`)."""
+        import time
+
+        return stuck_containers(self.job_pods(name, namespace), now=time.time(), grace_seconds=grace_seconds)
 
     def pod_log_tail(self, pod: str, namespace: str, lines: int = 10) -> str:
         """The last lines a pod printed, or "" when the logs are unavailable."""

@@ -19,7 +19,7 @@ from workqueue_provider.exceptions import (
     ConfigurationError,
 )
 from workqueue_provider.hooks import broker_credentials as creds
-from workqueue_provider.hooks.amqp import AmqpHook
+from workqueue_provider.hooks.amqp import AmqpHook, amqp_connection
 from workqueue_provider.kube import broker_manifests as manifests
 
 if TYPE_CHECKING:
@@ -90,7 +90,7 @@ class EnsureBrokerOperator(BaseOperator):
     def _plan(self) -> tuple[manifests.BrokerManifestSpec, creds.SecretRef | None, BrokerSettings, str]:
         """The manifests' spec, the connection's Secret reference, its settings without the
         Secret's credentials, and the Kubernetes connection id."""
-        conn = AmqpHook.get_connection(self.amqp_conn_id)
+        conn = amqp_connection(self.amqp_conn_id)
         extras = {k.split("__")[-1]: v for k, v in conn.extra_dejson.items() if v not in (None, "")}
         ref = creds.pop_secret_ref(extras)
         settings = BrokerSettings(

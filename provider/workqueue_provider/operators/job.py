@@ -12,7 +12,7 @@ from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowSkipException
 
-from workqueue_provider.completion import Verification, finish_from_event
+from workqueue_provider.completion import Verification, finish_from_event, stuck_error
 from workqueue_provider.exceptions import ConfigurationError
 from workqueue_provider.hooks.amqp import AmqpHook
 from workqueue_provider.hooks.jobs import JobsHook
@@ -50,6 +50,10 @@ class QueueJobOperator(BaseOperator):
       re-attaches to the Job of the earlier attempt instead of creating a second one.
     * waiting defers to :class:`JobCompleteTrigger` (a watch; no worker slot held); killing the
       deferred task deletes the Job with Background propagation.
+    * waiting in the worker (``deferrable=False``) fails once a pod has waited longer than
+      ``image_pull_grace_seconds`` on an image that can't be pulled (ErrImagePull, ImagePullBackOff,
+      CreateContainerConfigError...), naming the image, and deletes the Job (with ``delete_on_kill``);
+      ``None`` turns the check off.
 
     Templated: image, queue_name, namespace, job_name, pod_broker_host, parallelism, completions,
     items_per_pod, command, args, env, labels, annotations.
@@ -78,7 +82,7 @@ class QueueJobOperator(BaseOperator):
         pod_broker_host: str | None = None, pod_broker_port: int | None = None,
         wait_for_completion: bool = True, deferrable: bool = True, timeout: float = 24 * 3600,
         poll_interval: float = 5.0, verify_queue: bool = True, dead_letter_queue: str | None = None,
-        fail_on_dead_letters: bool = True, delete_on_kill: bool = True,
+        fail_on_dead_letters: bool = True, delete_on_kill: bool = True, image_pull_grace_seconds: float | None = 300.0,
         kubernetes_conn_id: str = KubernetesHook.default_conn_name,
         amqp_conn_id: str = AmqpHook.default_conn_name, **kwargs: Any,
     ) -> None:
@@ -117,6 +121,7 @@ class QueueJobOperator(BaseOperator):
         self.dead_letter_queue = dead_letter_queue
         self.fail_on_dead_letters = fail_on_dead_letters
         self.delete_on_kill = delete_on_kill
+        self.image_pull_grace_seconds = image_pull_grace_seconds
         self.kubernetes_conn_id = kubernetes_conn_id
         self.amqp_conn_id = amqp_conn_id
         self._launched: tuple[str, str] | None = None
@@ -231,6 +236,12 @@ class QueueJobOperator(BaseOperator):
             if verdict.done:
                 return finish_from_event({"status": verdict.phase.value, "job_name": name, "namespace": namespace},
                                          self.jobs, self.verification, self.log)
+            if verdict.active > int((job.get("status") or {}).get("ready") or 0):
+                stuck = stuck_error(name, namespace, self.jobs, self.image_pull_grace_seconds, deleted=self.delete_on_kill)
+                if stuck is not None:
+                    if self.delete_on_kill:
+                        self.jobs.delete_job(name, namespace)
+                    raise stuck
             if time.monotonic() > deadline:
                 return finish_from_event({"status": "timeout", "message": f"Job {namespace}/{name} timed out.",
                                           "job_name": name, "namespace": namespace}, self.jobs, self.verification, self.log)

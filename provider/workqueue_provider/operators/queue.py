@@ -58,6 +58,11 @@ class DeclareQueueOperator(BaseOperator):
 
     def queue_specs(self) -> list[QueueSpec]:
         """The dead-letter queue (if any) first, then the work queue; validated, nothing declared."""
+        if self.arguments is not None and not isinstance(self.arguments, dict):
+            raise ConfigurationError(
+                f"arguments rendered to {self.arguments!r:.60} ({type(self.arguments).__name__}), not a mapping: "
+                "give a dict of x- queue arguments, e.g. {'x-max-length': 1000}."
+            )
         specs = []
         dlx: dict[str, Any] = {}
         if self.dead_letter_queue:

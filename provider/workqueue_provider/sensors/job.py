@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 
-from workqueue_provider.completion import Verification, conclude, finish_from_event
+from workqueue_provider.completion import Verification, conclude, finish_from_event, stuck_error
 from workqueue_provider.exceptions import JobError
 from workqueue_provider.hooks.amqp import AmqpHook
 from workqueue_provider.hooks.jobs import JobsHook
+from workqueue_provider.kube.job_manifest import validate_name
 from workqueue_provider.kube.job_status import assess
 from workqueue_provider.links import RabbitMQQueueLink
 from workqueue_provider.triggers.job import JobCompleteTrigger
@@ -34,6 +35,8 @@ class JobCompleteSensor(BaseSensorOperator):
     :param queue_name: queue to verify after completion (None: don't verify). Templated.
     :param dead_letter_queue: also report (and by default fail on) items dead-lettered there.
     :param delete_on_kill: delete the Job when the deferred task is killed.
+    :param image_pull_grace_seconds: fail (naming the image) once a pod has waited this long on an image
+        that can't be pulled or a config that can't be created; checked on each poke. None: never.
     :return: summary dict (job_name, namespace, succeeded, failed, duration_seconds, items_left, dead_lettered).
     """
 
@@ -42,7 +45,7 @@ class JobCompleteSensor(BaseSensorOperator):
 
     def __init__(self, *, job_name: str, namespace: str = "default", queue_name: str | None = None,
                  dead_letter_queue: str | None = None, fail_on_dead_letters: bool = True,
-                 delete_on_kill: bool = True, deferrable: bool = True,
+                 delete_on_kill: bool = True, deferrable: bool = True, image_pull_grace_seconds: float | None = 300.0,
                  kubernetes_conn_id: str = KubernetesHook.default_conn_name,
                  amqp_conn_id: str = AmqpHook.default_conn_name, **kwargs: Any) -> None:
         kwargs.setdefault("timeout", 24 * 3600)
@@ -53,6 +56,7 @@ class JobCompleteSensor(BaseSensorOperator):
         self.dead_letter_queue = dead_letter_queue
         self.fail_on_dead_letters = fail_on_dead_letters
         self.delete_on_kill = delete_on_kill
+        self.image_pull_grace_seconds = image_pull_grace_seconds
         self.deferrable = deferrable
         self.kubernetes_conn_id = kubernetes_conn_id
         self.amqp_conn_id = amqp_conn_id
@@ -83,6 +87,8 @@ class JobCompleteSensor(BaseSensorOperator):
         )
 
     def poke(self, context: Context) -> PokeReturnValue | bool:
+        validate_name(self.job_name, "job_name")
+        validate_name(self.namespace, "namespace")
         job = self.jobs.get_job(self.job_name, self.namespace)
         if job is None:
             raise JobError(f"Job {self.namespace}/{self.job_name} does not exist: was it deleted, or never created?")
@@ -91,6 +97,10 @@ class JobCompleteSensor(BaseSensorOperator):
             self._last_progress = verdict.progress()
             self.log.info("Job %s/%s: %s", self.namespace, self.job_name, self._last_progress)
         if not verdict.done:
+            if verdict.active > int((job.get("status") or {}).get("ready") or 0):
+                stuck = stuck_error(self.job_name, self.namespace, self.jobs, self.image_pull_grace_seconds)
+                if stuck is not None:
+                    raise stuck
             return False
         return PokeReturnValue(is_done=True, xcom_value=conclude(job, self.jobs, self.verification, self.log))
 
