@@ -42,17 +42,22 @@ class JobCompleteTrigger(BaseTrigger):
     :param kubernetes_conn_id: the cncf provider's Kubernetes connection.
     :param deadline: Unix time after which it gives up with a ``timeout`` event (None: never).
     :param delete_on_kill: delete the Job (Background propagation) when the deferred task is killed.
+    :param progress_every: also log the Job's progress every this many seconds while it runs (0: only on
+        changes). In drain mode a Job shows "active P" until the queue is empty, so without it the log
+        would say nothing between the start and the end.
     """
 
     def __init__(self, *, job_name: str, namespace: str, kubernetes_conn_id: str, deadline: float | None = None,
-                 delete_on_kill: bool = True) -> None:
+                 delete_on_kill: bool = True, progress_every: float = 60.0) -> None:
         super().__init__()
         self.job_name = job_name
         self.namespace = namespace
         self.kubernetes_conn_id = kubernetes_conn_id
         self.deadline = deadline
         self.delete_on_kill = delete_on_kill
+        self.progress_every = progress_every
         self._fired = False
+        self._progress: str | None = None
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -63,6 +68,7 @@ class JobCompleteTrigger(BaseTrigger):
                 "kubernetes_conn_id": self.kubernetes_conn_id,
                 "deadline": self.deadline,
                 "delete_on_kill": self.delete_on_kill,
+                "progress_every": self.progress_every,
             },
         )
 
@@ -80,6 +86,22 @@ class JobCompleteTrigger(BaseTrigger):
         })
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        heartbeat = asyncio.ensure_future(self._heartbeat()) if self.progress_every else None
+        try:
+            async for event in self._watch():
+                yield event
+        finally:
+            if heartbeat is not None:
+                heartbeat.cancel()
+
+    async def _heartbeat(self) -> None:
+        started = time.monotonic()
+        while True:
+            await asyncio.sleep(self.progress_every)
+            self.log.info("Job %s/%s still running after %.0f s: %s", self.namespace, self.job_name,
+                          time.monotonic() - started, self._progress or "not seen yet")
+
+    async def _watch(self) -> AsyncIterator[TriggerEvent]:
         last_progress = None
         resource_version: str | None = None
         failures = 0
@@ -122,7 +144,7 @@ class JobCompleteTrigger(BaseTrigger):
                                 return
                             verdict = assess(job)
                             if verdict.progress() != last_progress:
-                                last_progress = verdict.progress()
+                                last_progress = self._progress = verdict.progress()
                                 self.log.info("Job %s/%s: %s", self.namespace, self.job_name, last_progress)
                             if verdict.done:
                                 yield self._event(verdict.phase.value, verdict)
