@@ -1,0 +1,91 @@
+"""deploy/rbac.yaml is enough for the whole flow, and an identity without it gets a clear 403 before
+anything is created. On the local control plane (RBAC on): user-1 bound to the shipped Role, user-2 not."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from airflow.sdk.exceptions import TaskDeferred
+from kubernetes import client
+
+from tests.conftest import task_context, worker_output
+from workqueue_provider.exceptions import ConfigurationError
+from workqueue_provider.operators.broker import EnsureBrokerOperator
+from workqueue_provider.operators.job import QueueJobOperator
+from workqueue_provider.operators.queue import DeclareQueueOperator, DeleteQueueOperator, FillQueueOperator
+from workqueue_provider.sensors.job import JobCompleteSensor
+
+pytestmark = [pytest.mark.integration, pytest.mark.cluster]
+RBAC = Path(__file__).resolve().parents[2] / "deploy" / "rbac.yaml"
+
+
+def kube_connection_as(cluster, monkeypatch, user: str) -> str:
+    conn_id = f"k8s_{user.replace('-', '_')}"
+    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(
+        {"conn_type": "kubernetes", "extra": {"kube_config_path": str(cluster.kubeconfig_for(user))}}))
+    return conn_id
+
+
+def apply_shipped_rbac(cluster, namespace: str, user: str) -> None:
+    """Create deploy/rbac.yaml's Role and RoleBinding in ``namespace``, the binding's subject set to ``user``."""
+    role, binding = yaml.safe_load_all(RBAC.read_text())
+    rbac = client.RbacAuthorizationV1Api(cluster.api_client())
+    rbac.create_namespaced_role(namespace, role)
+    binding["subjects"] = [{"kind": "User", "name": user, "apiGroup": "rbac.authorization.k8s.io"}]
+    rbac.create_namespaced_role_binding(namespace, binding)
+
+
+def created_objects(core, batch, namespace: str) -> list[str]:
+    return ([f"Job/{j.metadata.name}" for j in batch.list_namespaced_job(namespace).items]
+            + [f"Secret/{s.metadata.name}" for s in core.list_namespaced_secret(namespace).items
+               if s.type != "kubernetes.io/service-account-token"]
+            + [f"Pod/{p.metadata.name}" for p in core.list_namespaced_pod(namespace).items])
+
+
+def test_the_shipped_role_runs_the_whole_flow(amqp_conn, cluster, core, batch, namespace, queue_name, monkeypatch):
+    apply_shipped_rbac(cluster, namespace, "user-1")
+    k8s = kube_connection_as(cluster, monkeypatch, "user-1")
+    context = task_context()
+    items = ["apple", "banana", "cherry"]
+
+    assert EnsureBrokerOperator(task_id="start_broker", namespace=namespace,
+                                kubernetes_conn_id=k8s).execute(context)["started"] is False
+    DeclareQueueOperator(task_id="declare_queue", queue_name=queue_name).execute(context)
+    FillQueueOperator(task_id="fill_queue", queue_name=queue_name, items=items).execute(context)
+    launched = QueueJobOperator(task_id="run_job", image="job-wq-1", queue_name=queue_name, namespace=namespace,
+                                wait_for_completion=False, kubernetes_conn_id=k8s).execute(context)
+    sensor = JobCompleteSensor(task_id="wait_for_job", queue_name=queue_name, kubernetes_conn_id=k8s, timeout=300,
+                               **launched)
+    with pytest.raises(TaskDeferred) as deferred:  # poke (get), then the trigger (list + watch) as user-1
+        sensor.execute(context)
+
+    async def first_event(trigger):
+        async for event in trigger.run():
+            return event.payload
+    event = asyncio.run(asyncio.wait_for(first_event(deferred.value.trigger), timeout=180))
+    summary = sensor.execute_complete(context, event)
+    assert summary["succeeded"] == 3 and summary["items_left"] == 0
+    assert DeleteQueueOperator(task_id="delete_queue", queue_name=queue_name).execute(context) == 0
+    assert sorted(worker_output(cluster, core, namespace, launched["job_name"])) == sorted(f"Processing {i}" for i in items)
+
+
+def test_an_identity_without_the_role_gets_a_clear_403_before_anything_is_created(amqp_conn, cluster, core, batch,
+                                                                                  namespace, queue_name, monkeypatch):
+    DeclareQueueOperator(task_id="declare_queue", queue_name=queue_name).execute(task_context())
+    FillQueueOperator(task_id="fill_queue", queue_name=queue_name, items=["a"]).execute(task_context())
+    k8s = kube_connection_as(cluster, monkeypatch, "user-2")
+    operator = QueueJobOperator(task_id="run_job", image="job-wq-1", queue_name=queue_name, namespace=namespace,
+                                deferrable=False, kubernetes_conn_id=k8s)
+    with pytest.raises(ConfigurationError) as raised:
+        operator.execute(task_context())
+    message = str(raised.value)
+    assert "403 Forbidden" in message and "RBAC" in message and "deploy/rbac.yaml" in message, message
+    assert repr(namespace) in message
+    assert created_objects(core, batch, namespace) == []
+    sensor = JobCompleteSensor(task_id="wait_for_job", job_name="any", namespace=namespace, kubernetes_conn_id=k8s)
+    with pytest.raises(ConfigurationError, match="403 Forbidden"):
+        sensor.poke(task_context())
