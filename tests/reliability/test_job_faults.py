@@ -14,14 +14,14 @@ import pytest
 import structlog.testing
 from airflow.sdk.exceptions import TaskDeferred
 from kubernetes_asyncio.client.exceptions import ApiException
-
-from tests.conftest import task_context, worker_output
 from workqueue_provider.exceptions import JobError
 from workqueue_provider.hooks.amqp import AmqpHook
 from workqueue_provider.operators.job import QueueJobOperator
 from workqueue_provider.operators.queue import DeclareQueueOperator, FillQueueOperator
 from workqueue_provider.triggers import job as trigger_module
 from workqueue_provider.triggers.job import JobCompleteTrigger
+
+from tests.conftest import task_context, worker_output
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 VENV_BIN = Path(sys.executable).parent
@@ -197,7 +197,7 @@ echo "Processing $item"
     with pytest.raises(JobError) as raised:
         operator.execute(task_context())
     message = str(raised.value)
-    assert f"1 item(s) of Job" in message and f"dead-lettered into queue {dead!r}" in message, message
+    assert "1 item(s) of Job" in message and f"dead-lettered into queue {dead!r}" in message, message
     tries = attempts.read_text().splitlines()
     print(f"\npoison: {tries.count('poison')} deliveries with delivery_limit={limit}; message: {message}")
     assert tries.count("poison") == limit + 1 and all(tries.count(i) == 1 for i in items if i != "poison")

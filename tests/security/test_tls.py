@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import json
 import os
 import subprocess
 import sys
@@ -14,13 +13,13 @@ import uuid
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import task_context
-from tests.reliability.private_broker import PrivateBroker, PrivateBrokerError
 from workqueue_provider.exceptions import BrokerUnreachableError
 from workqueue_provider.hooks.amqp import AmqpHook
 from workqueue_provider.operators.queue import DeclareQueueOperator, FillQueueOperator
 from workqueue_provider.worker.consume import EXIT_BROKER
+
+from tests.conftest import task_context
+from tests.reliability.private_broker import PrivateBroker, PrivateBrokerError
 
 pytestmark = [pytest.mark.integration]
 REPO = Path(__file__).resolve().parents[2]
@@ -35,7 +34,7 @@ def make_ca(directory: Path, name: str):
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
@@ -54,7 +53,7 @@ def make_server_cert(directory: Path, ca_key, ca_cert) -> tuple[Path, Path]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))

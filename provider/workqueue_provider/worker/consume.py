@@ -18,7 +18,6 @@ import logging
 import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import FrameType
