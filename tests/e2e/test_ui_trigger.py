@@ -1,0 +1,163 @@
+"""The path users take: the Airflow UI in a real browser triggers the example DAG with changed Params.
+
+Airflow's api-server (UI), scheduler, dag-processor and triggerer run as subprocesses
+(tests/e2e/airflow_services.py); headless Chromium (Debian's, driven by Playwright) signs in,
+unpauses the DAG, fills the trigger form with new items and parallelism, and submits it. The run
+goes through the real broker and the local control plane; the test then reads the task logs and
+the extra link through the REST API, and the workers' output through the node agent.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from urllib.parse import quote
+
+import psutil
+import pytest
+from kubernetes import client
+
+from scripts.demo import LOCAL_BROKER
+from tests.e2e.airflow_services import REPO, AirflowServices
+
+pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.cluster, pytest.mark.timeout(1500)]
+
+DAG_ID = "work_queue_example"
+ITEMS = ["kiwi", "mango", "papaya"]  # not the DAG's defaults
+PARALLELISM = 3
+SCREENSHOT = REPO / "artifacts" / "ui-run-succeeded.png"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+UI_TIMEOUT_MS = 180_000  # per browser action: a hang guard on 2 shared cores, not a speed check
+RUN_TIMEOUT = 900
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    """Debian's Chromium, installed with apt-get if missing. Fails, never skips."""
+    result = subprocess.run([str(REPO / "scripts/ensure-chromium.sh")], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.fail(f"Chromium could not be installed for the browser test:\n{result.stderr[-3000:]}")
+    return result.stdout.strip().splitlines()[-1]
+
+
+def test_the_ui_trigger_form_runs_the_example_dag_with_changed_params(chromium, broker_url, cluster, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    started = time.monotonic()
+    airflow = AirflowServices(tmp_path / "airflow", kubeconfig=str(cluster.kubeconfig), amqp_url=LOCAL_BROKER)
+    with airflow:
+        print(f"airflow ready after {time.monotonic() - started:.0f} s at {airflow.url}")
+        airflow.wait_until(f"DAG {DAG_ID} to be parsed", lambda: airflow.api("GET", f"/dags/{DAG_ID}").json(), 300)
+
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1440, "height": 1000})
+                page.set_default_timeout(UI_TIMEOUT_MS)
+                sign_in(page, airflow)
+                run_id = trigger_through_the_form(page, airflow)
+                print(f"triggered {run_id} after {time.monotonic() - started:.0f} s")
+                run = airflow.wait_until(f"run {run_id} to finish", lambda: finished(airflow, run_id), RUN_TIMEOUT, 3)
+                assert run["state"] == "success", f"run {run_id} ended {run['state']}:\n{task_logs(airflow, run_id)}"
+                assert run["conf"]["items"] == ITEMS and run["conf"]["parallelism"] == PARALLELISM
+                show_the_succeeded_run(page, airflow, run_id)
+                link = extra_link_in_the_ui(page, airflow, run_id)
+            finally:
+                browser.close()
+
+        logs = task_logs(airflow, run_id)
+        job = airflow.api("GET", f"/dags/{DAG_ID}/dagRuns/{quote(run_id, safe='')}/taskInstances/run_job/xcomEntries/"
+                                 "return_value").json()["value"]
+        links = airflow.api("GET", f"/dags/{DAG_ID}/dagRuns/{quote(run_id, safe='')}/taskInstances/run_job/links").json()["extra_links"]
+        services = airflow.pids()
+    leftovers = [pid for pid in services if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    print(f"test done after {time.monotonic() - started:.0f} s")
+
+    # Progress from the sensor/trigger and the Job summary, as the task log shows them.
+    name = job["job_name"] if isinstance(job, dict) else job
+    assert f"Job default/{name}: succeeded " in logs["wait_for_job"], logs["wait_for_job"][-3000:]
+    assert f"Job default/{name} is Complete: succeeded {len(ITEMS)}/{len(ITEMS)}" in logs["wait_for_job"], \
+        logs["wait_for_job"][-3000:]
+
+    # Every changed item processed exactly once, by pods of this run's Job.
+    core = client.CoreV1Api(cluster.api_client())
+    pods = core.list_namespaced_pod("default", label_selector=f"batch.kubernetes.io/job-name={name}").items
+    printed = sorted(line for pod in pods for line in cluster.read_pod_log("default", pod.metadata.name).splitlines()
+                     if line.startswith("Processing "))
+    assert printed == sorted(f"Processing {item}" for item in ITEMS)
+    job_spec = client.BatchV1Api(cluster.api_client()).read_namespaced_job(name, "default").spec
+    assert job_spec.parallelism == PARALLELISM and job_spec.completions == len(ITEMS)
+
+    # The extra link: registered by the provider, persisted by the task, shown by the UI; no credentials.
+    queue = f"job1-{run_id}"
+    assert links["RabbitMQ queue"] == f"http://127.0.0.1:15672/#/queues/%2F/{quote(queue, safe='')}" == link
+    assert "guest" not in link
+    assert SCREENSHOT.stat().st_size > 10_000
+    assert not leftovers, f"Airflow processes left running: {leftovers}"
+
+
+def sign_in(page, airflow: AirflowServices) -> None:
+    """The Simple auth manager's login form, as a user fills it."""
+    page.goto(f"{airflow.url}/")
+    page.wait_for_url("**/auth/login**")
+    page.fill("input[name=username]", airflow.user)
+    page.fill("input[name=password]", airflow.password)
+    page.click("button[type=submit]")
+    page.wait_for_url(lambda url: "/auth/login" not in url)
+
+
+def trigger_through_the_form(page, airflow: AirflowServices) -> str:
+    """Unpause the DAG with its toggle, then trigger it through the Params form; returns the run id."""
+    page.goto(f"{airflow.url}/dags/{DAG_ID}")
+    if airflow.api("GET", f"/dags/{DAG_ID}").json()["is_paused"]:
+        page.get_by_test_id("toggle-pause").click()
+        airflow.wait_until("the DAG to be unpaused", lambda: not airflow.api("GET", f"/dags/{DAG_ID}").json()["is_paused"], 60, 1)
+    before = {run["dag_run_id"] for run in airflow.api("GET", f"/dags/{DAG_ID}/dagRuns").json()["dag_runs"]}
+
+    page.get_by_test_id("trigger-dag-button").click()
+    dialog = page.locator("[role=dialog][data-state=open]")
+    dialog.locator("textarea[name=element_items]").fill("\n".join(ITEMS))
+    dialog.locator("input[name=element_parallelism]").fill(str(PARALLELISM))
+    dialog.get_by_test_id("trigger-dag-submit").click()
+
+    def new_run() -> str | None:
+        runs = airflow.api("GET", f"/dags/{DAG_ID}/dagRuns").json()["dag_runs"]
+        return next((run["dag_run_id"] for run in runs if run["dag_run_id"] not in before), None)
+
+    return airflow.wait_until("the triggered run to appear", new_run, 120, 1)
+
+
+def finished(airflow: AirflowServices, run_id: str) -> dict | None:
+    run = airflow.api("GET", f"/dags/{DAG_ID}/dagRuns/{quote(run_id, safe='')}").json()
+    return run if run["state"] in ("success", "failed") else None
+
+
+def show_the_succeeded_run(page, airflow: AirflowServices, run_id: str) -> None:
+    """The run's page, after the UI shows it succeeded: saved to artifacts/ui-run-succeeded.png."""
+    page.goto(f"{airflow.url}/dags/{DAG_ID}/runs/{quote(run_id, safe='')}")
+    page.get_by_text("success", exact=False).first.wait_for()
+    page.wait_for_load_state("networkidle")
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+
+def extra_link_in_the_ui(page, airflow: AirflowServices, run_id: str) -> str:
+    """The "RabbitMQ queue" button on the run_job task instance's Details tab; returns where it points."""
+    page.goto(f"{airflow.url}/dags/{DAG_ID}/runs/{quote(run_id, safe='')}/tasks/run_job/details")
+    button = page.get_by_role("link", name="RabbitMQ queue")
+    button.wait_for()
+    return button.get_attribute("href") or ""
+
+
+def task_logs(airflow: AirflowServices, run_id: str) -> dict[str, str]:
+    """Each task's log (its latest try) as text, through the REST API."""
+    logs = {}
+    for ti in airflow.api("GET", f"/dags/{DAG_ID}/dagRuns/{quote(run_id, safe='')}/taskInstances").json()["task_instances"]:
+        tries = max(ti["try_number"], 1)
+        content = airflow.api("GET", f"/dags/{DAG_ID}/dagRuns/{quote(run_id, safe='')}/taskInstances/{ti['task_id']}"
+                                     f"/logs/{tries}", params={"full_content": "true"},
+                              headers={"Accept": "application/json"}).json()["content"]
+        logs[ti["task_id"]] = "\n".join(entry.get("event", str(entry)) if isinstance(entry, dict) else str(entry)
+                                        for entry in content)
+    return logs
