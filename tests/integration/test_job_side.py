@@ -7,7 +7,7 @@ import json
 import time
 
 import pytest
-from airflow.sdk.exceptions import AirflowSkipException
+from workqueue_provider.compat import AirflowSkipException
 
 from tests.conftest import task_context
 from tests.conftest import worker_output

@@ -18,7 +18,7 @@ from workqueue_provider.exceptions import WorkQueueError
 
 def amqp_connection(conn_id: str) -> Any:
     """The Airflow connection; a missing or malformed one raises ConfigurationError naming the fix."""
-    from airflow.sdk.exceptions import AirflowNotFoundException
+    from workqueue_provider.compat import AirflowNotFoundException
 
     from workqueue_provider.hooks.connections import connection_error
 

@@ -61,7 +61,7 @@ class JobsHook:
     @cached_property
     def api_client(self) -> Any:
         """The connection's API client; a missing, malformed or unusable connection is a ConfigurationError."""
-        from airflow.sdk.exceptions import AirflowNotFoundException
+        from workqueue_provider.compat import AirflowNotFoundException
 
         about = {"kind": "Kubernetes", "example": '{"conn_type": "kubernetes", "extra": {"kube_config_path": "~/.kube/config"}}'}
         malformed = malformed_error(self.kubernetes_conn_id, **about)

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowSkipException
 
+from workqueue_provider.compat import AirflowSkipException
 from workqueue_provider.completion import Verification, finish_from_event, stuck_error
 from workqueue_provider.exceptions import ConfigurationError
 from workqueue_provider.hooks.amqp import AmqpHook
@@ -55,9 +55,44 @@ class QueueJobOperator(BaseOperator):
       CreateContainerConfigError...), naming the image, and deletes the Job (with ``delete_on_kill``);
       ``None`` turns the check off.
 
-    Templated: image, queue_name, namespace, job_name, pod_broker_host, parallelism, completions,
-    items_per_pod, command, args, env, labels, annotations.
-
+    :param image: worker image; its command consumes items (the seed's ``job-wq-1``).
+    :param queue_name: the filled queue; pods get it as ``QUEUE``.
+    :param namespace: namespace of the Job and its Secret.
+    :param job_name: name prefix (RFC 1123, at most 52 characters); the run's digest is appended.
+    :param parallelism: pods running at once.
+    :param completions: explicit completions; refused when lower than the queue's items.
+    :param items_per_pod: items each pod takes (``WORKQUEUE_MAX_ITEMS``); None drains the queue.
+    :param command: container command, overriding the image's.
+    :param args: container arguments.
+    :param env: extra plain environment variables for the worker.
+    :param restart_policy: ``OnFailure`` (the seed's) or ``Never``.
+    :param backoff_limit: pod failures before the Job fails (Kubernetes default 6).
+    :param active_deadline_seconds: the Job's deadline; it wins over backoff_limit.
+    :param ttl_seconds_after_finished: delete the finished Job (and its pods and Secret) after this.
+    :param pod_failure_policy: the Job's podFailurePolicy (needs ``restart_policy="Never"``).
+    :param container_resources: the worker container's requests/limits.
+    :param node_selector: pod nodeSelector.
+    :param tolerations: pod tolerations.
+    :param service_account_name: the pods' service account.
+    :param image_pull_secrets: names of image pull Secrets.
+    :param labels: labels for the Job and its pods.
+    :param annotations: annotations for the Job and its pods.
+    :param pod_template: pod template dict merged under the generated one (anything else).
+    :param job_template: Job dict merged under the generated one (anything else).
+    :param pod_broker_host: broker host as pods see it (an in-cluster Service name); default: the connection's.
+    :param pod_broker_port: broker port as pods see it; default: the connection's.
+    :param wait_for_completion: wait for the Job; False only launches it and returns its name.
+    :param deferrable: wait in the triggerer (a watch); False waits in the worker, polling.
+    :param timeout: seconds to wait before failing.
+    :param poll_interval: seconds between polls when ``deferrable=False``.
+    :param verify_queue: after Complete, fail if items are left in the queue.
+    :param dead_letter_queue: report (and by default fail on) items dead-lettered there.
+    :param fail_on_dead_letters: fail when the dead-letter queue holds items.
+    :param delete_on_kill: delete the Job when the waiting task is killed.
+    :param image_pull_grace_seconds: with ``deferrable=False``, fail (naming the image) and delete the Job
+        (with ``delete_on_kill``) once a pod has waited this long on an image that can't be pulled. None: never.
+    :param kubernetes_conn_id: the cncf provider's Kubernetes connection.
+    :param amqp_conn_id: the AMQP connection (queue depth, verification, the pods' BROKER_URL).
     :return: with ``wait_for_completion``: the summary (job_name, namespace, succeeded, failed,
         duration_seconds, items_left, dead_lettered); otherwise ``{"job_name", "namespace"}``.
     """
@@ -141,7 +176,7 @@ class QueueJobOperator(BaseOperator):
 
     def job_options(self) -> JobOptions:
         """The validated options (raises ConfigurationError before anything is created)."""
-        ints = {name: _as_int(getattr(self, name), name) for name in _INT_FIELDS}
+        ints: dict[str, Any] = {name: _as_int(getattr(self, name), name) for name in _INT_FIELDS}
         return JobOptions(
             image=self.image, queue_name=self.queue_name, namespace=self.namespace, command=self.command,
             args=self.args, restart_policy=self.restart_policy, pod_failure_policy=self.pod_failure_policy,

@@ -32,6 +32,7 @@ class DeclareQueueOperator(BaseOperator):
     :param message_ttl_ms: drop (or dead-letter) items older than this.
     :param max_length: most ready messages the queue holds.
     :param arguments: any other ``x-`` queue arguments.
+    :param amqp_conn_id: the AMQP connection.
     :return: ``{"queue": name, "messages": ready, "consumers": n}`` after the declare.
     """
 
@@ -100,11 +101,14 @@ class FillQueueOperator(BaseOperator):
     :param items: list / XComArg / callable. Templated (a template must render to a list).
     :param items_file: path of a UTF-8 file with one item per line (blank lines skipped). Templated.
     :param encoding: ``text`` (str or number), ``json`` (any JSON value) or ``bytes``.
+    :param charset: codec for text and JSON items.
+    :param max_message_bytes: largest message body allowed (checked before publishing).
     :param on_existing_messages: the queue already holds messages from elsewhere: ``fail`` (default)
         or ``purge`` them first.
     :param allow_empty: publish nothing instead of failing when there are no items.
     :param window: most messages unconfirmed at once.
     :param progress_every: seconds between progress lines in the task log.
+    :param amqp_conn_id: the AMQP connection.
     :return: the number of items published (never the items).
     """
 
@@ -197,7 +201,10 @@ class FillQueueOperator(BaseOperator):
 class DeleteQueueOperator(BaseOperator):
     """Delete a queue (no error if it is already gone); logs how many messages it still held.
 
-    Meant as the DAG's last step with ``trigger_rule="all_done"`` so it runs whatever happened upstream.
+    Meant as the DAG's teardown (``.as_teardown(setups=declare)``) so it runs whatever happened upstream.
+
+    :param queue_name: queue to delete. Templated.
+    :param amqp_conn_id: the AMQP connection.
     """
 
     template_fields: Sequence[str] = ("queue_name",)

@@ -34,7 +34,11 @@ class JobCompleteSensor(BaseSensorOperator):
     :param namespace: its namespace. Templated.
     :param queue_name: queue to verify after completion (None: don't verify). Templated.
     :param dead_letter_queue: also report (and by default fail on) items dead-lettered there.
+    :param fail_on_dead_letters: fail when the dead-letter queue holds items.
     :param delete_on_kill: delete the Job when the deferred task is killed.
+    :param deferrable: wait in the triggerer (a watch); False pokes from the worker.
+    :param kubernetes_conn_id: the cncf provider's Kubernetes connection.
+    :param amqp_conn_id: the AMQP connection used for verification.
     :param image_pull_grace_seconds: fail (naming the image) once a pod has waited this long on an image
         that can't be pulled or a config that can't be created; checked on each poke. None: never.
     :return: summary dict (job_name, namespace, succeeded, failed, duration_seconds, items_left, dead_lettered).

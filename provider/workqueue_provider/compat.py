@@ -1,0 +1,13 @@
+"""Names that moved between the Airflow 3 releases this provider supports (3.1 to 3.x)."""
+
+from __future__ import annotations
+
+try:  # Airflow >= 3.2: the Task SDK owns these exceptions
+    from airflow.sdk.exceptions import AirflowNotFoundException, AirflowSkipException
+except ImportError:  # Airflow 3.1
+    from airflow.exceptions import (  # type: ignore[no-redef,attr-defined]
+        AirflowNotFoundException,
+        AirflowSkipException,
+    )
+
+__all__ = ["AirflowNotFoundException", "AirflowSkipException"]
