@@ -5,7 +5,7 @@ export WORKQUEUE_CACHE ?= $(HOME)/.cache/workqueue
 VENV = $(shell scripts/ensure-venv.sh)
 PYTEST_ARGS ?=
 
-.PHONY: venv broker test test-unit test-integration demo cluster bench lint
+.PHONY: venv broker test test-compat test-unit demo cluster bench lint
 
 venv:
 	@scripts/ensure-venv.sh
@@ -16,6 +16,11 @@ broker:
 ## make test: every test (unit, real broker, real control plane). Services that can't start fail the run.
 test: broker
 	@venv="$(VENV)"; CI=true "$$venv/bin/python" -m pytest $(PYTEST_ARGS)
+	@scripts/test-compat.sh
+
+## make test-compat: the provider's tests again at the oldest supported Airflow (3.1.x).
+test-compat: broker
+	@scripts/test-compat.sh
 
 test-unit:
 	@venv="$(VENV)"; "$$venv/bin/python" -m pytest tests/unit $(PYTEST_ARGS)
