@@ -7,7 +7,7 @@ Used by QueueJobOperator and JobCompleteSensor. A Complete Job doesn't prove the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from workqueue_provider.exceptions import JobError, QueueNotFoundError
@@ -118,7 +118,7 @@ def _summary(job: dict[str, Any], verdict: JobAssessment) -> dict[str, Any]:
     complete = condition(job, "Complete")
     noticed_after = None
     if complete and complete.get("lastTransitionTime"):  # seconds resolution, as the API keeps it
-        noticed_after = round((datetime.now(timezone.utc) - _parse_time(complete["lastTransitionTime"])).total_seconds(), 1)
+        noticed_after = round((datetime.now(UTC) - _parse_time(complete["lastTransitionTime"])).total_seconds(), 1)
     return {
         "job_name": job["metadata"]["name"],
         "namespace": job["metadata"]["namespace"],

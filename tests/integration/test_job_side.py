@@ -7,10 +7,9 @@ import json
 import time
 
 import pytest
-from workqueue_provider.compat import AirflowSkipException
 
-from tests.conftest import task_context
-from tests.conftest import worker_output
+from tests.conftest import task_context, worker_output
+from workqueue_provider.compat import AirflowSkipException
 from workqueue_provider.exceptions import ConfigurationError, JobError
 from workqueue_provider.hooks.amqp import AmqpHook
 from workqueue_provider.operators.job import QueueJobOperator

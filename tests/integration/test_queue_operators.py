@@ -1,14 +1,18 @@
 """DeclareQueueOperator and FillQueueOperator on the real broker."""
 
 import subprocess
-import threading
 
 import pika
 import pytest
 
 from tests.conftest import task_context
-from workqueue_provider.amqp.queues import QueueSpec
-from workqueue_provider.exceptions import ConfigurationError, ItemSourceError, PublishError, QueueMismatchError, QueueNotFoundError
+from workqueue_provider.exceptions import (
+    ConfigurationError,
+    ItemSourceError,
+    PublishError,
+    QueueMismatchError,
+    QueueNotFoundError,
+)
 from workqueue_provider.hooks.amqp import AmqpHook
 from workqueue_provider.items import Spool
 from workqueue_provider.operators.queue import DeclareQueueOperator, DeleteQueueOperator, FillQueueOperator

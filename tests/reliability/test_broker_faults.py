@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pika
 import pytest
+
+from tests.conftest import task_context
+from tests.reliability.conftest import CONSUMER_TIMEOUT_MS
 from workqueue_provider.exceptions import BrokerError
 from workqueue_provider.hooks.amqp import AmqpHook
 from workqueue_provider.operators.queue import DeclareQueueOperator, FillQueueOperator
 from workqueue_provider.worker.consume import EXIT_REQUEUED
-
-from tests.conftest import task_context
-from tests.reliability.conftest import CONSUMER_TIMEOUT_MS
 
 pytestmark = [pytest.mark.integration]
 REPO = Path(__file__).resolve().parents[2]

@@ -14,14 +14,14 @@ import pytest
 import structlog.testing
 from airflow.sdk.exceptions import TaskDeferred
 from kubernetes_asyncio.client.exceptions import ApiException
+
+from tests.conftest import task_context, worker_output
 from workqueue_provider.exceptions import JobError
 from workqueue_provider.hooks.amqp import AmqpHook
 from workqueue_provider.operators.job import QueueJobOperator
 from workqueue_provider.operators.queue import DeclareQueueOperator, FillQueueOperator
 from workqueue_provider.triggers import job as trigger_module
 from workqueue_provider.triggers.job import JobCompleteTrigger
-
-from tests.conftest import task_context, worker_output
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 VENV_BIN = Path(sys.executable).parent

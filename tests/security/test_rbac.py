@@ -11,13 +11,13 @@ import pytest
 import yaml
 from airflow.sdk.exceptions import TaskDeferred
 from kubernetes import client
+
+from tests.conftest import task_context, worker_output
 from workqueue_provider.exceptions import ConfigurationError
 from workqueue_provider.operators.broker import EnsureBrokerOperator
 from workqueue_provider.operators.job import QueueJobOperator
 from workqueue_provider.operators.queue import DeclareQueueOperator, DeleteQueueOperator, FillQueueOperator
 from workqueue_provider.sensors.job import JobCompleteSensor
-
-from tests.conftest import task_context, worker_output
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 RBAC = Path(__file__).resolve().parents[2] / "deploy" / "rbac.yaml"

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import structlog.testing
 from airflow.sdk.exceptions import TaskDeferred
+
+from tests.conftest import task_context, worker_output
 from workqueue_provider.exceptions import WorkQueueError
 from workqueue_provider.hooks.amqp import AmqpHook
 from workqueue_provider.operators.job import QueueJobOperator
 from workqueue_provider.operators.queue import DeclareQueueOperator, DeleteQueueOperator, FillQueueOperator
-
-from tests.conftest import task_context, worker_output
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 REPO = Path(__file__).resolve().parents[2]

@@ -13,13 +13,13 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import task_context
+from tests.reliability.private_broker import PrivateBroker, PrivateBrokerError
 from workqueue_provider.exceptions import BrokerUnreachableError
 from workqueue_provider.hooks.amqp import AmqpHook
 from workqueue_provider.operators.queue import DeclareQueueOperator, FillQueueOperator
 from workqueue_provider.worker.consume import EXIT_BROKER
-
-from tests.conftest import task_context
-from tests.reliability.private_broker import PrivateBroker, PrivateBrokerError
 
 pytestmark = [pytest.mark.integration]
 REPO = Path(__file__).resolve().parents[2]

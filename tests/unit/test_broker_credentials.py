@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 from kubernetes.client.exceptions import ApiException
+
 from workqueue_provider.exceptions import BrokerError, ConfigurationError, WorkQueueError
 from workqueue_provider.hooks import broker_credentials
 from workqueue_provider.hooks.amqp import AmqpHook

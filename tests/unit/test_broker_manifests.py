@@ -5,6 +5,7 @@ import copy
 
 import pytest
 from kubernetes import client
+
 from workqueue_provider.exceptions import ConfigurationError
 from workqueue_provider.kube.broker_manifests import (
     DEFAULT_IMAGE,

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 from airflow.sdk import Connection
+
 from workqueue_provider.amqp.connection import BrokerSettings
 from workqueue_provider.links import RabbitMQQueueLink, management_base_url, rabbitmq_queue_url
 from workqueue_provider.operators.job import QueueJobOperator

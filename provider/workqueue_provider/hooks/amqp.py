@@ -16,10 +16,10 @@ from workqueue_provider.amqp.queues import QueueDepth, QueueSpec
 from workqueue_provider.connection_form import EXTRA_FIELDS, UI_BEHAVIOUR
 from workqueue_provider.exceptions import WorkQueueError
 
+
 def amqp_connection(conn_id: str) -> Any:
     """The Airflow connection; a missing or malformed one raises ConfigurationError naming the fix."""
     from workqueue_provider.compat import AirflowNotFoundException
-
     from workqueue_provider.hooks.connections import connection_error
 
     try:

@@ -159,7 +159,7 @@ class JobCompleteTrigger(BaseTrigger):
                         return
                     failures += 1
                     self.log.warning("Watch of Job %s failed (%s %s); reconnecting.", self.job_name, e.status, e.reason)
-                except (OSError, asyncio.TimeoutError, aiohttp.ClientError) as e:  # e.g. the API server restarted
+                except (TimeoutError, OSError, aiohttp.ClientError) as e:  # e.g. the API server restarted
                     failures += 1
                     self.log.warning("Watch of Job %s dropped (%r); reconnecting.", self.job_name, e)
                 if failures:
@@ -194,8 +194,8 @@ class JobCompleteTrigger(BaseTrigger):
             await self._delete_job()
 
     async def _task_state(self) -> str | None:
-        from asgiref.sync import sync_to_async
         from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+        from asgiref.sync import sync_to_async
 
         ti = self.task_instance
         assert ti is not None
