@@ -250,7 +250,7 @@ def test_a_missing_namespace_is_named_and_nothing_is_created(kube_env, monkeypat
     monkeypatch.setenv("AIRFLOW_CONN_AMQP_NEW", amqp_connection(
         free_port(), credentials_secret="rabbitmq-credentials", credentials_namespace="no-such-namespace"))
     op = EnsureBrokerOperator(task_id="ensure_broker", amqp_conn_id="amqp_new")
-    with pytest.raises(ConfigurationError, match="namespace 'no-such-namespace' doesn't exist"):
+    with pytest.raises(ConfigurationError, match="namespace 'no-such-namespace' does not exist"):
         op.execute(task_context())
 
 
@@ -260,6 +260,6 @@ def test_an_rbac_refusal_is_named_and_nothing_is_created(namespace, kube_env, mo
     monkeypatch.setenv("AIRFLOW_CONN_AMQP_APP", f"amqp://app:app-password@127.0.0.1:{free_port()}/")
     op = EnsureBrokerOperator(task_id="ensure_broker", amqp_conn_id="amqp_app", kubernetes_conn_id="k8s_nobody",
                               namespace=namespace)
-    with pytest.raises(ConfigurationError, match="'k8s_nobody' is not allowed to .*cannot get resource .secrets."):
+    with pytest.raises(ConfigurationError, match="403 Forbidden.: .*cannot get resource .secrets.*connection 'k8s_nobody' lacks RBAC rights"):
         op.execute(task_context())
     assert objects_in(kube_env, namespace) == {}

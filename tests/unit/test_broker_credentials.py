@@ -15,8 +15,8 @@ from workqueue_provider.hooks.broker_credentials import (
     SecretRef,
     pop_secret_ref,
     read_credentials,
-    translate_api_error,
 )
+from workqueue_provider.hooks.kube_errors import api_error as translate_api_error
 
 PASSWORD = "Zx9-generated-secret-password_42"
 
@@ -145,8 +145,8 @@ def test_an_unusable_secret_is_named(data, fragment):
     [
         pytest.param(api_error(403, 'secrets "creds" is forbidden: User "user-1" cannot get resource "secrets" '
                                     'in API group "" in the namespace "ns"'),
-                     ConfigurationError, ["'k8s' is not allowed", 'User "user-1" cannot get resource "secrets"',
-                                          "Role"], id="rbac"),
+                     ConfigurationError, ["connection 'k8s' lacks RBAC rights", "403 Forbidden",
+                                          'User "user-1" cannot get resource "secrets"', "Role"], id="rbac"),
         pytest.param(api_error(500, "etcdserver: request timed out"), BrokerError, ["500", "etcdserver"], id="server"),
         pytest.param(ConnectionRefusedError(111, "Connection refused"), BrokerError,
                      ["can't be reached", "'k8s'"], id="api-down"),
@@ -165,7 +165,7 @@ def test_a_missing_namespace_is_named():
     error = translate_api_error(api_error(404, 'namespaces "team-x" not found', "namespaces", "team-x"),
                                 "create Secret 'rabbitmq-credentials'", kubernetes_conn_id="k8s", namespace="team-x")
     assert isinstance(error, ConfigurationError)
-    assert "namespace 'team-x' doesn't exist" in str(error) and "kubectl create namespace team-x" in str(error)
+    assert "namespace 'team-x' does not exist" in str(error) and "kubectl create namespace team-x" in str(error)
 
 
 def test_an_unknown_kubernetes_connection_is_a_configuration_error(monkeypatch):

@@ -9,8 +9,7 @@ password never has to be copied anywhere. Extras:
 - ``credentials_namespace``: its namespace (default ``default``);
 - ``kubernetes_conn_id``: the Kubernetes connection to read it with (default ``kubernetes_default``).
 
-Kubernetes API errors are translated here (:func:`translate_api_error`) for this module and the
-broker operator; none of the messages carries a password.
+Kubernetes API errors are worded in :mod:`workqueue_provider.hooks.kube_errors`; none carries a password.
 """
 
 from __future__ import annotations
@@ -18,13 +17,13 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from workqueue_provider.amqp.connection import BrokerSettings
-from workqueue_provider.exceptions import BrokerError, ConfigurationError, WorkQueueError
+from workqueue_provider.exceptions import BrokerError, ConfigurationError
+from workqueue_provider.hooks.kube_errors import api_error, transport_error
 
 if TYPE_CHECKING:
     from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
@@ -115,9 +114,9 @@ def read_credentials(ref: SecretRef, client: Any = None) -> tuple[str, str]:
                 "never started there. Start it with EnsureBrokerOperator (which generates the Secret), or create "
                 f"the Secret with keys {USERNAME_KEY!r} and {PASSWORD_KEY!r}."
             ) from e
-        raise translate_api_error(e, f"read {ref.describe()}", kubernetes_conn_id=ref.kubernetes_conn_id) from e
+        raise api_error(e, f"read {ref.describe()}", kubernetes_conn_id=ref.kubernetes_conn_id, default=BrokerError) from e
     except Exception as e:
-        raise translate_transport_error(e, ref.kubernetes_conn_id) from e
+        raise transport_error(e, ref.kubernetes_conn_id, default=BrokerError) from e
     return decode_credentials(secret.data, ref)
 
 
@@ -130,51 +129,3 @@ def with_secret_credentials(settings: BrokerSettings, extras: Mapping[str, Any])
         return settings, remaining
     login, password = read_credentials(ref)
     return dataclasses.replace(settings, login=login, password=password), remaining
-
-
-def translate_api_error(error: Any, action: str, *, kubernetes_conn_id: str, namespace: str | None = None,
-                        default: type[WorkQueueError] = BrokerError) -> WorkQueueError:
-    """A kubernetes ``ApiException`` raised while doing ``action`` as a clear error (raise it ``from``)."""
-    status = getattr(error, "status", None)
-    message, kind, name = _api_message(error)
-    where = f" in namespace {namespace!r}" if namespace else ""
-    if status == 404 and kind == "namespaces":
-        return ConfigurationError(
-            f"Can't {action}: namespace {name or namespace!r} doesn't exist. Create it "
-            f"(kubectl create namespace {name or namespace}) or pick an existing namespace."
-        )
-    if status == 403:
-        return ConfigurationError(
-            f"Can't {action}: the Kubernetes connection {kubernetes_conn_id!r} is not allowed to ({message}). "
-            f"Bind its user or service account to a Role granting this{where}."
-        )
-    if status == 401:
-        return ConfigurationError(
-            f"Can't {action}: the Kubernetes API rejected the credentials of connection {kubernetes_conn_id!r} "
-            "(401 Unauthorized): fix its token or kubeconfig."
-        )
-    if status == 422:
-        return ConfigurationError(f"Can't {action}: the API server refused the object as invalid ({message}).")
-    return default(f"Can't {action}: the Kubernetes API answered {status} {getattr(error, 'reason', '')} ({message}).")
-
-
-def translate_transport_error(error: Exception, kubernetes_conn_id: str) -> WorkQueueError:
-    """An error below the API (connection refused, TLS, timeouts) as a clear error."""
-    if isinstance(error, WorkQueueError):
-        return error
-    text = f"{type(error).__name__}: {error}"
-    return BrokerError(
-        f"The Kubernetes API of connection {kubernetes_conn_id!r} can't be reached "
-        f"({text[:200]}): check the cluster is up and the connection's kubeconfig."
-    )
-
-
-def _api_message(error: Any) -> tuple[str, str | None, str | None]:
-    """The Status object's message and its details (kind, name), as far as the body holds them."""
-    try:
-        body = json.loads(getattr(error, "body", None) or "{}")
-    except (TypeError, ValueError):
-        body = {}
-    details = body.get("details") or {}
-    message = body.get("message") or str(getattr(error, "reason", "") or error)
-    return message, details.get("kind"), details.get("name")

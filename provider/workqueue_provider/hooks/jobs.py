@@ -2,7 +2,7 @@
 
 Objects travel as plain dicts in the API's camelCase JSON form, the same shape a watch delivers,
 so :func:`workqueue_provider.kube.job_status.assess` reads both. ``ApiException`` never leaks out:
-:func:`api_error` turns it into an error that says what was refused and what to do.
+:func:`~workqueue_provider.hooks.kube_errors.api_error` says what was refused and what to do.
 """
 
 from __future__ import annotations
@@ -14,38 +14,13 @@ from typing import Any
 from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
 from kubernetes.client import ApiException, BatchV1Api, CoreV1Api
 
-from workqueue_provider.exceptions import ConfigurationError, JobError, WorkQueueError
+from workqueue_provider.exceptions import ConfigurationError, WorkQueueError
 from workqueue_provider.hooks.connections import connection_error, malformed_error
+from workqueue_provider.hooks.kube_errors import api_error
 from workqueue_provider.kube.job_manifest import owner_reference
 from workqueue_provider.kube.job_status import stuck_containers
 
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
-
-
-def api_error(error: ApiException, action: str, namespace: str) -> WorkQueueError:
-    """Translate an API refusal; ``action`` reads like "create Job 'x'"."""
-    status = getattr(error, "status", None)
-    if status == 403:
-        return ConfigurationError(
-            f"Kubernetes refused to {action} in namespace {namespace!r} (403 Forbidden): the identity of the "
-            "kubernetes connection lacks RBAC rights there; bind it to the Role in deploy/rbac.yaml."
-        )
-    if status == 401:
-        return ConfigurationError(f"Kubernetes rejected the credentials of the kubernetes connection (401) while trying to {action}.")
-    if status == 404 and "namespaces" in (error.body or "") and "not found" in (error.body or ""):
-        return ConfigurationError(f"Namespace {namespace!r} does not exist: create it or set namespace= to an existing one.")
-    if status == 422:
-        return ConfigurationError(f"Kubernetes refused to {action}: the manifest is invalid: {_message(error)}")
-    return JobError(f"Kubernetes failed to {action} in namespace {namespace!r}: {status} {_message(error)}")
-
-
-def _message(error: ApiException) -> str:
-    import json
-
-    try:
-        return json.loads(error.body).get("message", error.reason)
-    except (TypeError, ValueError):
-        return str(error.reason)
 
 
 class JobsHook:
@@ -88,20 +63,23 @@ class JobsHook:
     def as_dict(self, obj: Any) -> dict[str, Any]:
         return self.api_client.sanitize_for_serialization(obj)
 
+    def _api_error(self, error: ApiException, action: str, namespace: str) -> WorkQueueError:
+        return api_error(error, action, kubernetes_conn_id=self.kubernetes_conn_id, namespace=namespace)
+
     def get_job(self, name: str, namespace: str) -> dict[str, Any] | None:
         try:
             return self.as_dict(self.batch.read_namespaced_job(name, namespace))
         except ApiException as e:
             if e.status == 404:
                 return None
-            raise api_error(e, f"read Job {name!r}", namespace) from e
+            raise self._api_error(e, f"read Job {name!r}", namespace) from e
 
     def create_job(self, job: dict[str, Any]) -> dict[str, Any]:
         namespace = job["metadata"]["namespace"]
         try:
             return self.as_dict(self.batch.create_namespaced_job(namespace, job))
         except ApiException as e:
-            raise api_error(e, f"create Job {job['metadata']['name']!r}", namespace) from e
+            raise self._api_error(e, f"create Job {job['metadata']['name']!r}", namespace) from e
 
     def delete_job(self, name: str, namespace: str) -> bool:
         """Delete with Background propagation, so the garbage collector removes its pods (and Secret)."""
@@ -111,7 +89,7 @@ class JobsHook:
         except ApiException as e:
             if e.status == 404:
                 return False
-            raise api_error(e, f"delete Job {name!r}", namespace) from e
+            raise self._api_error(e, f"delete Job {name!r}", namespace) from e
 
     def apply_secret(self, secret: dict[str, Any]) -> None:
         """Create the Secret, or replace the data of an existing one with the same name."""
@@ -120,11 +98,11 @@ class JobsHook:
             self.core.create_namespaced_secret(namespace, secret)
         except ApiException as e:
             if e.status != 409:
-                raise api_error(e, f"create Secret {name!r}", namespace) from e
+                raise self._api_error(e, f"create Secret {name!r}", namespace) from e
             try:
                 self.core.patch_namespaced_secret(name, namespace, {"stringData": secret["stringData"]})
             except ApiException as e2:
-                raise api_error(e2, f"update Secret {name!r}", namespace) from e2
+                raise self._api_error(e2, f"update Secret {name!r}", namespace) from e2
 
     def adopt_secret(self, secret_name: str, job: dict[str, Any]) -> None:
         """Make the Job own the Secret, so deleting the Job deletes it too."""
@@ -133,7 +111,7 @@ class JobsHook:
         try:
             self.core.patch_namespaced_secret(secret_name, namespace, body)
         except ApiException as e:
-            raise api_error(e, f"set the owner of Secret {secret_name!r}", namespace) from e
+            raise self._api_error(e, f"set the owner of Secret {secret_name!r}", namespace) from e
 
     def delete_secret(self, name: str, namespace: str) -> None:
         with contextlib.suppress(ApiException):
@@ -143,7 +121,7 @@ class JobsHook:
         try:
             pods = self.core.list_namespaced_pod(namespace, label_selector=f"{JOB_NAME_LABEL}={name}")
         except ApiException as e:
-            raise api_error(e, f"list the pods of Job {name!r}", namespace) from e
+            raise self._api_error(e, f"list the pods of Job {name!r}", namespace) from e
         return [self.as_dict(pod) for pod in pods.items]
 
     def stuck_containers(self, name: str, namespace: str, grace_seconds: float) -> list[str]:

@@ -20,6 +20,7 @@ from workqueue_provider.exceptions import (
 )
 from workqueue_provider.hooks import broker_credentials as creds
 from workqueue_provider.hooks.amqp import AmqpHook, amqp_connection
+from workqueue_provider.hooks.kube_errors import api_error, transport_error
 from workqueue_provider.kube import broker_manifests as manifests
 
 if TYPE_CHECKING:
@@ -200,10 +201,10 @@ class _Starter:
         except ApiException as e:
             if e.status == 404 and fn.__name__.startswith("read_"):
                 return None
-            raise creds.translate_api_error(e, action, kubernetes_conn_id=self.conn_id,
-                                            namespace=self.spec.namespace) from e
+            raise api_error(e, action, kubernetes_conn_id=self.conn_id, namespace=self.spec.namespace,
+                            default=BrokerError) from e
         except Exception as e:
-            raise creds.translate_transport_error(e, self.conn_id) from e
+            raise transport_error(e, self.conn_id, default=BrokerError) from e
 
     def ensure_secret(self, credentials: tuple[str, str], *, must_match: bool, amqp_conn_id: str) -> tuple[str, str]:
         """Create the credentials Secret unless it exists; the credentials the broker will use."""
@@ -229,10 +230,10 @@ class _Starter:
             except ApiException as e:
                 if e.status == 409:  # created meanwhile by someone else: use theirs
                     continue
-                raise creds.translate_api_error(e, f"create Secret {name!r}", kubernetes_conn_id=self.conn_id,
-                                                namespace=ns) from e
+                raise api_error(e, f"create Secret {name!r}", kubernetes_conn_id=self.conn_id, namespace=ns,
+                                default=BrokerError) from e
             except Exception as e:
-                raise creds.translate_transport_error(e, self.conn_id) from e
+                raise transport_error(e, self.conn_id, default=BrokerError) from e
             self.created.append(f"Secret/{name}")
             self.log.info("Created Secret %r with a %s password for user %r.", name,
                           "generated" if not must_match else "given", credentials[0])
@@ -252,10 +253,10 @@ class _Starter:
             create(ns, body)
         except ApiException as e:
             if e.status != 409:
-                raise creds.translate_api_error(e, f"create {kind} {name!r}", kubernetes_conn_id=self.conn_id,
-                                                namespace=ns) from e
+                raise api_error(e, f"create {kind} {name!r}", kubernetes_conn_id=self.conn_id, namespace=ns,
+                                default=BrokerError) from e
         except Exception as e:
-            raise creds.translate_transport_error(e, self.conn_id) from e
+            raise transport_error(e, self.conn_id, default=BrokerError) from e
         else:
             self.created.append(f"{kind}/{name}")
             self.log.info("Created %s %r in namespace %r.", kind, name, ns)
