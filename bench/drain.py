@@ -31,7 +31,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cluster_common import (  # noqa: E402
-    WORKER_ENV, bench_queue, check_lines, delete_job, queue_depth, set_kube_conn, setup_airflow_env, task_context, verdict,
+    WORKER_ENV,
+    bench_queue,
+    check_lines,
+    delete_job,
+    queue_depth,
+    set_kube_conn,
+    setup_airflow_env,
+    task_context,
+    verdict,
     write_result,
 )
 

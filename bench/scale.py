@@ -23,6 +23,7 @@ Checks:
 from __future__ import annotations
 
 import argparse
+import calendar
 import json
 import re
 import subprocess
@@ -62,6 +63,7 @@ class TreeSampler(threading.Thread):
         self.peak_tree = 0
         self.peak_root = 0
         self.samples = 0
+        self.timeline: list[tuple[float, int]] = []  # (unix time, tree RSS)
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -80,6 +82,7 @@ class TreeSampler(threading.Thread):
                     if p.pid == self.root.pid:
                         self.peak_root = max(self.peak_root, rss)
                 self.peak_tree = max(self.peak_tree, total)
+                self.timeline.append((time.time(), total))
                 self.samples += 1
             except psutil.Error:
                 break
@@ -112,7 +115,46 @@ def run_dag(cluster: Any, home: str, conf: dict[str, Any], log_path: Path) -> di
     result = subprocess.CompletedProcess(process.args, process.returncode, text, "")
     return {"seconds": round(seconds, 1), "returncode": process.returncode, "succeeded": dag_run_succeeded(result),
             "peak_rss_tree_mb": round(sampler.peak_tree / 2**20, 1), "peak_rss_main_mb": round(sampler.peak_root / 2**20, 1),
-            "rss_samples": sampler.samples, **progress(text)}
+            "rss_samples": sampler.samples, "rss_by_task": rss_by_task(text, sampler.timeline), **progress(text)}
+
+
+TASKS = ["start_broker", "declare_queue", "fill_queue", "run_job", "wait_for_job (until deferred)",
+         "wait_for_job (deferred, then resumed)", "delete_queue"]
+
+
+def _stamp(line: str) -> float | None:
+    m = TIMESTAMP.match(line)
+    if not m:
+        return None
+    return calendar.timegm(time.strptime(m.group(1)[:19], "%Y-%m-%dT%H:%M:%S")) + float("0." + m.group(1)[20:])
+
+
+def rss_by_task(text: str, timeline: list[tuple[float, int]]) -> list[dict[str, Any]]:
+    """RSS of the process tree at the start of each window and its peak in it, to see where memory grows.
+    Windows: each task's run (from its "Task instance state updated" to running, to the one with its
+    new state; in the DAG's task order) and the scheduling gaps between tasks."""
+    marks = []  # (time, label of the window that ends here)
+    task = 0
+    for ln in text.splitlines():
+        if "Task instance state updated" not in ln or (stamp := _stamp(ln)) is None:
+            continue
+        name = TASKS[task] if task < len(TASKS) else f"task #{task}"
+        if "new_state=" in ln:
+            marks.append((stamp, f"{name}: running"))
+            task += 1
+        else:
+            marks.append((stamp, f"before {name}"))
+    marks.append((float("inf"), "after the last task"))
+    windows, start = [], timeline[0][0] if timeline else 0.0
+    for end, label in marks:
+        inside = [rss for t, rss in timeline if start <= t < end]
+        before = [rss for t, rss in timeline if t < start]
+        if inside:
+            windows.append({"window": label, "seconds": round(min(end, timeline[-1][0]) - start, 1),
+                            "rss_at_start_mb": round((before[-1] if before else inside[0]) / 2**20, 1),
+                            "peak_mb": round(max(inside) / 2**20, 1)})
+        start = end
+    return windows
 
 
 def progress(text: str) -> dict[str, Any]:
@@ -128,10 +170,10 @@ def progress(text: str) -> dict[str, Any]:
             in_job = True
         m = TIMESTAMP.match(ln)
         if in_job and m:
-            stamps.append(time.mktime(time.strptime(m.group(1)[:19], "%Y-%m-%dT%H:%M:%S")) + float("0." + m.group(1)[20:]))
+            stamps.append(_stamp(ln))
         if "is Complete" in ln:
             in_job = False
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     return {"fill_progress_lines": len(fill), "wait_progress_lines": len(wait), "deferred_lines": len(deferred),
             "longest_silence_during_job_s": round(max(gaps), 1) if gaps else None,
             "wait_progress_sample": [ln[:160] for ln in wait[:3] + wait[-3:]]}
@@ -172,14 +214,16 @@ def main() -> int:
                 home = tempfile.mkdtemp(prefix=f"airflow-{label}-", dir=tmp)
                 conf = {"items": [item(i) for i in range(count)], "parallelism": a.parallelism,
                         "items_per_pod": None, "image": IMAGE}
-                log_path = REPO / "bench" / "results" / f"scale-{label}.log"
-                log_path.parent.mkdir(parents=True, exist_ok=True)
+                log_path = Path(tempfile.gettempdir()) / f"workqueue-bench-scale-{label}.log"  # kept after the run
                 print(f"scale: {label}: {count} items through the example DAG (drain mode, parallelism "
-                      f"{a.parallelism}); log {log_path.relative_to(REPO)}", flush=True)
+                      f"{a.parallelism}); log {log_path}", flush=True)
                 run = run_dag(cluster, home, conf, log_path)
                 run.update(items=count, **check_output(out, count))
                 run["seconds_per_1000_items"] = round(run["seconds"] * 1000 / count, 2)
                 runs[label] = run
+                for w in run["rss_by_task"]:
+                    print(f"scale: {label}:   {w['window']:<40} {w['seconds']:>7} s  RSS {w['rss_at_start_mb']:>6} -> "
+                          f"peak {w['peak_mb']:>6} MB", flush=True)
                 print(f"scale: {label}: {'succeeded' if run['succeeded'] else 'FAILED'} in {run['seconds']} s; "
                       f"processed {run['processed_records']} (exactly once: {run['exactly_once']}); peak RSS tree "
                       f"{run['peak_rss_tree_mb']} MB (main {run['peak_rss_main_mb']} MB); progress lines fill "

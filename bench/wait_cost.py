@@ -31,7 +31,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cluster_common import (  # noqa: E402
-    grant_job_reader, median, requests_of, set_kube_conn, setup_airflow_env, verb_counts, verdict, write_result,
+    grant_job_reader,
+    median,
+    requests_of,
+    set_kube_conn,
+    setup_airflow_env,
+    verb_counts,
+    verdict,
+    write_result,
 )
 
 setup_airflow_env()
