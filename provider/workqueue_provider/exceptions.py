@@ -5,7 +5,8 @@ Library errors (pika, kubernetes) are translated at the boundary with ``raise ..
 
     WorkQueueError
     ├── ConfigurationError          bad input, raised before any side effect
-    │   └── ItemSourceError         an item source that can't be read or encoded
+    │   ├── ItemSourceError         an item source that can't be read or encoded
+    │   └── CredentialsSecretNotFoundError  the connection's credentials Secret doesn't exist yet
     ├── BrokerError                 talking to RabbitMQ failed
     │   ├── BrokerUnreachableError  no TCP/TLS connection to host:port
     │   ├── BrokerAuthError         wrong credentials, or no access to the vhost
@@ -28,6 +29,10 @@ class ConfigurationError(WorkQueueError, ValueError):
 
 class ItemSourceError(ConfigurationError):
     """An item source that is empty, unreadable, or holds an item that can't be encoded."""
+
+
+class CredentialsSecretNotFoundError(ConfigurationError):
+    """The AMQP connection's ``credentials_secret`` doesn't exist (yet): the broker was never started."""
 
 
 class BrokerError(WorkQueueError):

@@ -20,9 +20,8 @@ import structlog.testing
 
 from tests.cluster.local_cluster import free_port
 from tests.conftest import task_context
-from workqueue_provider.exceptions import BrokerUnreachableError, ConfigurationError
+from workqueue_provider.exceptions import BrokerUnreachableError, ConfigurationError, CredentialsSecretNotFoundError
 from workqueue_provider.hooks.amqp import AmqpHook
-from workqueue_provider.hooks.broker_credentials import CredentialsSecretNotFoundError
 from workqueue_provider.operators.broker import EnsureBrokerOperator
 
 pytestmark = [pytest.mark.cluster, pytest.mark.integration]

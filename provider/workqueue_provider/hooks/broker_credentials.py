@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from workqueue_provider.amqp.connection import BrokerSettings
-from workqueue_provider.exceptions import BrokerError, ConfigurationError
+from workqueue_provider.exceptions import BrokerError, ConfigurationError, CredentialsSecretNotFoundError
 from workqueue_provider.hooks.kube_errors import api_error, transport_error
 
 if TYPE_CHECKING:
@@ -36,10 +36,6 @@ DEFAULT_NAMESPACE = "default"
 DEFAULT_KUBERNETES_CONN_ID = "kubernetes_default"
 USERNAME_KEY = "username"
 PASSWORD_KEY = "password"
-
-
-class CredentialsSecretNotFoundError(ConfigurationError):
-    """The connection's ``credentials_secret`` doesn't exist (yet): the broker was never started."""
 
 
 @dataclass(frozen=True)

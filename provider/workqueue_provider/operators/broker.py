@@ -17,6 +17,7 @@ from workqueue_provider.exceptions import (
     BrokerError,
     BrokerUnreachableError,
     ConfigurationError,
+    CredentialsSecretNotFoundError,
 )
 from workqueue_provider.hooks import broker_credentials as creds
 from workqueue_provider.hooks.amqp import AmqpHook, amqp_connection
@@ -138,7 +139,7 @@ class EnsureBrokerOperator(BaseOperator):
             try:
                 login, password = creds.read_credentials(ref)
                 known = dataclasses.replace(settings, login=login, password=password)
-            except creds.CredentialsSecretNotFoundError:
+            except CredentialsSecretNotFoundError:
                 known = None
         address = settings.address
         if known is not None:
