@@ -37,6 +37,9 @@ with DAG(
                        type="array", items={"type": "string", "minLength": 1}, title="Work items",
                        description="One message per item; each worker pod processes one."),
         "parallelism": Param(2, type="integer", minimum=1, maximum=100, title="Pods at once"),
+        "items_file": Param(None, type=["null", "string"], title="Items file",
+                            description="Path (on the Airflow workers) of a file with one item per line; "
+                                        "used instead of the items above. Best for large runs."),
         "items_per_pod": Param(1, type=["null", "integer"], minimum=1, title="Items per pod",
                                description="How many items each pod takes (completions = items / this). "
                                            "Empty (null) = drain mode: each pod takes items until the queue is empty, "
@@ -55,7 +58,12 @@ with DAG(
 
     declare_queue = DeclareQueueOperator(task_id="declare_queue", queue_name=QUEUE)
 
-    fill_queue = FillQueueOperator(task_id="fill_queue", queue_name=QUEUE, items="{{ params['items'] }}")
+    fill_queue = FillQueueOperator(
+        task_id="fill_queue",
+        queue_name=QUEUE,
+        items="{{ None if params['items_file'] else params['items'] }}",
+        items_file="{{ params['items_file'] }}",  # large runs: a file keeps the run's conf small
+    )
 
     run_job = QueueJobOperator(
         task_id="run_job",
