@@ -33,9 +33,14 @@ demo: broker
 cluster:
 	@venv="$(VENV)"; "$$venv/bin/python" tests/cluster/local_cluster.py up
 
-## make bench: the benchmark suite (ratios measured side by side).
+## make bench: every benchmark (ratios measured side by side; ~40 min). Figures: bench/results/.
+## Fill throughput and memory (bench/run.py), then on the local control plane: waiting cost,
+## drain mode, scale. Exits non-zero if any target is missed.
 bench: broker
-	@venv="$(VENV)"; "$$venv/bin/python" bench/run.py
+	@venv="$(VENV)"; status=0; \
+	"$$venv/bin/python" bench/run.py || status=1; \
+	for b in wait_cost drain scale; do PYTHONPATH=. "$$venv/bin/python" bench/$$b.py || status=1; done; \
+	exit $$status
 
 lint:
 	@venv="$(VENV)"; "$$venv/bin/ruff" check provider tests dags bench && "$$venv/bin/mypy"
