@@ -21,7 +21,11 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-BROKER_URL = os.environ.get("WORKQUEUE_BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import BROKER_URL, blocking_connection, queue_depth  # noqa: E402  (shared with the fill benchmarks)
+
+__all__ = ["BROKER_URL", "blocking_connection", "queue_depth"]  # re-exported for drain.py
+
 VENV_BIN = Path(sys.executable).parent
 
 # This checkout's provider, whatever the venv's editable install points at (pods get it too: WORKER_ENV).
@@ -105,20 +109,6 @@ def delete_job(cluster: Any, name: str, namespace: str = "default") -> None:
     except ApiException as e:
         if e.status != 404:
             raise
-
-
-def blocking_connection():
-    import pika
-
-    return pika.BlockingConnection(pika.URLParameters(BROKER_URL))
-
-
-def queue_depth(name: str) -> int:
-    connection = blocking_connection()
-    try:
-        return connection.channel().queue_declare(name, passive=True).method.message_count
-    finally:
-        connection.close()
 
 
 @contextlib.contextmanager
