@@ -6,14 +6,15 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 cache=${WORKQUEUE_CACHE:-$HOME/.cache/workqueue}
 python=${PYTHON:-python3.11}
 airflow_version=${COMPAT_AIRFLOW_VERSION:-3.1.8}
-key=$( (sha256sum "$repo/pyproject.toml" | cut -c1-12; echo "$repo $airflow_version") | sha256sum | cut -c1-16)
+constraints="$repo/scripts/compat-constraints.txt"  # a resolved Airflow 3.1.8 set: fast, repeatable installs
+key=$( (sha256sum "$repo/pyproject.toml" "$constraints"; echo "$repo $airflow_version") | sha256sum | cut -c1-16)
 venv="$cache/venvs/compat-$key"
 if [ ! -f "$venv/.installed" ]; then
   echo "test-compat: creating $venv (Airflow $airflow_version)" >&2
   rm -rf "$venv"
   "$python" -m venv "$venv"
   "$venv/bin/pip" install -q --upgrade pip >&2
-  "$venv/bin/pip" install -q "apache-airflow==$airflow_version" -e "$repo[dev]" >&2
+  "$venv/bin/pip" install -q -c "$constraints" "apache-airflow==$airflow_version" -e "$repo[dev]" >&2
   echo "$repo" > "$venv/.installed"
 fi
 "$venv/bin/python" -c "import airflow; assert airflow.__version__ == '$airflow_version', airflow.__version__"
