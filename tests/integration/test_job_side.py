@@ -135,7 +135,8 @@ def test_the_trigger_watches_until_complete_and_the_sensor_verifies(amqp_conn, k
 
 
 def test_the_trigger_serializes_to_its_constructor_arguments():
-    trigger = JobCompleteTrigger(job_name="j", namespace="n", kubernetes_conn_id="k", deadline=1.5, delete_on_kill=False)
+    trigger = JobCompleteTrigger(job_name="j", namespace="n", kubernetes_conn_id="k", deadline=1.5, delete_on_kill=False,
+                                 progress_every=5, queue_name="q", amqp_conn_id="a")
     path, kwargs = trigger.serialize()
     assert path == "workqueue_provider.triggers.job.JobCompleteTrigger"
     assert JobCompleteTrigger(**kwargs).serialize() == (path, kwargs)
@@ -163,3 +164,15 @@ def test_killing_the_deferred_task_deletes_the_job_and_its_pods(amqp_conn, kube_
     assert batch.list_namespaced_job(namespace).items == []
     assert core.list_namespaced_pod(namespace).items == []
     assert AmqpHook().queue_depth(queue_name).messages == 2, "killed workers leave their items in the queue"
+
+
+def test_periodic_progress_says_how_many_items_are_left(amqp_conn, kube_conn, cluster, namespace, queue_name, capfd):
+    filled(queue_name, items=["a", "b", "c"])
+    launched = job_op(queue_name, namespace, wait_for_completion=False, parallelism=1, items_per_pod=None,
+                      command=["sh", "-c", "sleep 30"]).execute(task_context())
+    trigger = JobCompleteTrigger(kubernetes_conn_id=kube_conn, deadline=time.time() + 4, progress_every=1,
+                                 queue_name=queue_name, amqp_conn_id=amqp_conn, **launched)
+    assert run_trigger(trigger)["status"] == "timeout"
+    output = capfd.readouterr()
+    lines = [line for line in (output.out + output.err).splitlines() if "still running after" in line]
+    assert lines and f"items left in queue {queue_name!r}" in lines[-1], lines

@@ -208,7 +208,8 @@ class QueueJobOperator(BaseOperator):
         self.defer(
             trigger=JobCompleteTrigger(job_name=name, namespace=options.namespace,
                                        kubernetes_conn_id=self.kubernetes_conn_id,
-                                       deadline=time.time() + float(self.timeout), delete_on_kill=self.delete_on_kill),
+                                       deadline=time.time() + float(self.timeout), delete_on_kill=self.delete_on_kill,
+                                       queue_name=options.queue_name, amqp_conn_id=self.amqp_conn_id),
             method_name="execute_complete",
             timeout=timedelta(seconds=float(self.timeout)),
         )

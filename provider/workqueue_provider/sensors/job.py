@@ -85,7 +85,8 @@ class JobCompleteSensor(BaseSensorOperator):
         self.defer(
             trigger=JobCompleteTrigger(job_name=self.job_name, namespace=self.namespace,
                                        kubernetes_conn_id=self.kubernetes_conn_id,
-                                       deadline=time.time() + float(self.timeout), delete_on_kill=self.delete_on_kill),
+                                       deadline=time.time() + float(self.timeout), delete_on_kill=self.delete_on_kill,
+                                       queue_name=self.queue_name, amqp_conn_id=self.amqp_conn_id),
             method_name="execute_complete",
             timeout=timedelta(seconds=float(self.timeout)),
         )

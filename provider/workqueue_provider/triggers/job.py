@@ -45,10 +45,13 @@ class JobCompleteTrigger(BaseTrigger):
     :param progress_every: also log the Job's progress every this many seconds while it runs (0: only on
         changes). In drain mode a Job shows "active P" until the queue is empty, so without it the log
         would say nothing between the start and the end.
+    :param queue_name: with ``amqp_conn_id``, those periodic lines also say how many items are left in
+        the queue (a passive declare, off the event loop).
     """
 
     def __init__(self, *, job_name: str, namespace: str, kubernetes_conn_id: str, deadline: float | None = None,
-                 delete_on_kill: bool = True, progress_every: float = 60.0) -> None:
+                 delete_on_kill: bool = True, progress_every: float = 60.0, queue_name: str | None = None,
+                 amqp_conn_id: str | None = None) -> None:
         super().__init__()
         self.job_name = job_name
         self.namespace = namespace
@@ -56,6 +59,8 @@ class JobCompleteTrigger(BaseTrigger):
         self.deadline = deadline
         self.delete_on_kill = delete_on_kill
         self.progress_every = progress_every
+        self.queue_name = queue_name
+        self.amqp_conn_id = amqp_conn_id
         self._fired = False
         self._progress: str | None = None
 
@@ -69,6 +74,8 @@ class JobCompleteTrigger(BaseTrigger):
                 "deadline": self.deadline,
                 "delete_on_kill": self.delete_on_kill,
                 "progress_every": self.progress_every,
+                "queue_name": self.queue_name,
+                "amqp_conn_id": self.amqp_conn_id,
             },
         )
 
@@ -98,8 +105,22 @@ class JobCompleteTrigger(BaseTrigger):
         started = time.monotonic()
         while True:
             await asyncio.sleep(self.progress_every)
-            self.log.info("Job %s/%s still running after %.0f s: %s", self.namespace, self.job_name,
-                          time.monotonic() - started, self._progress or "not seen yet")
+            self.log.info("Job %s/%s still running after %.0f s: %s%s", self.namespace, self.job_name,
+                          time.monotonic() - started, self._progress or "not seen yet", await self._items_left())
+
+    async def _items_left(self) -> str:
+        """", 5,210 items left in queue 'q'", or "" when no queue was given or it can't be read."""
+        if not (self.queue_name and self.amqp_conn_id):
+            return ""
+        from workqueue_provider.hooks.amqp import AmqpHook
+
+        hook = AmqpHook(amqp_conn_id=self.amqp_conn_id)
+        try:
+            depth = await asyncio.to_thread(hook.queue_depth, self.queue_name)
+        except Exception as e:  # progress only: never fail the wait over it
+            self.log.debug("Could not read the depth of queue %r: %s", self.queue_name, e)
+            return ""
+        return f", {depth.messages:,} items left in queue {self.queue_name!r}"
 
     async def _watch(self) -> AsyncIterator[TriggerEvent]:
         last_progress = None
