@@ -22,9 +22,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BROKER_URL, blocking_connection, queue_depth  # noqa: E402  (shared with the fill benchmarks)
+from common import BROKER_URL, blocking_connection, delete_queue, queue_depth  # noqa: E402  (shared with the fill benchmarks)
 
-__all__ = ["BROKER_URL", "blocking_connection", "queue_depth"]  # re-exported for drain.py
+__all__ = ["BROKER_URL", "blocking_connection", "delete_queue", "queue_depth"]  # re-exported for drain.py
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -118,11 +118,7 @@ def bench_queue(kind: str) -> Iterator[str]:
     try:
         yield name
     finally:
-        connection = blocking_connection()
-        try:
-            connection.channel().queue_delete(name)
-        finally:
-            connection.close()
+        delete_queue(name)
 
 
 def check_lines(path: Path, expected: list[str]) -> dict[str, Any]:

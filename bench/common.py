@@ -61,11 +61,15 @@ def fresh_queue(kind: str, queue_type: str) -> Iterator[str]:
     try:
         yield name
     finally:
-        connection = blocking_connection()
-        try:
-            connection.channel().queue_delete(name)
-        finally:
-            connection.close()
+        delete_queue(name)
+
+
+def delete_queue(name: str) -> None:
+    connection = blocking_connection()
+    try:
+        connection.channel().queue_delete(name)
+    finally:
+        connection.close()
 
 
 def verify_depth(name: str, expected: int, timeout: float = 120.0) -> int:
