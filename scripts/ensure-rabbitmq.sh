@@ -21,6 +21,16 @@ if answers && rabbitmqctl -q status >/dev/null 2>&1; then
 fi
 echo "ensure-rabbitmq: starting rabbitmq-server" >&2
 rabbitmq-server -detached >/dev/null 2>&1 || true
-timeout 120 rabbitmqctl -q await_startup
+# `await_startup` fails at once ("node not running at all") until the new node has registered
+# with epmd, which takes a few seconds after `-detached` returns, so retry it until a deadline.
+deadline=$((SECONDS + 120))
+until rabbitmqctl -q await_startup >/dev/null 2>&1; do
+  if [ $SECONDS -ge $deadline ]; then
+    echo "ensure-rabbitmq: RabbitMQ did not start within 120 s; see /var/log/rabbitmq/" >&2
+    rabbitmqctl -q await_startup || true  # print the CLI's diagnostics
+    exit 1
+  fi
+  sleep 1
+done
 answers || { echo "ensure-rabbitmq: RabbitMQ started but 127.0.0.1:5672 does not answer" >&2; exit 1; }
 echo "ensure-rabbitmq: RabbitMQ $(rabbitmqctl -q version) is up" >&2
