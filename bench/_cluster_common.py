@@ -74,6 +74,8 @@ def grant_job_reader(cluster: Any, users: list[str], namespace: str = "default")
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "bench-job-reader"},
         "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": u} for u in users],
     })
+    for user in users:
+        cluster.wait_until_allowed(user, "watch", "jobs", namespace, group="batch")
 
 
 def requests_of(cluster: Any, user: str, since: float = 0.0) -> list[dict[str, Any]]:

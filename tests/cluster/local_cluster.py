@@ -529,6 +529,23 @@ class LocalCluster:
         conf.api_key = {"authorization": f"Bearer {self.tokens[user]}"}
         return kubernetes.client.ApiClient(conf)
 
+    def wait_until_allowed(self, user: str, verb: str, resource: str, namespace: str, group: str = "",
+                           timeout: float = 30.0) -> None:
+        """Wait until the RBAC authorizer lets ``user`` do ``verb`` on ``resource``.
+
+        A new RoleBinding takes effect only once the authorizer's informers have seen it (usually
+        well under a second, longer on a loaded machine), so a test must not use it right away.
+        """
+        import kubernetes
+        api = kubernetes.client.AuthorizationV1Api(self.api_client())
+        review = {"spec": {"user": user, "resourceAttributes": {
+            "verb": verb, "resource": resource, "group": group, "namespace": namespace}}}
+        deadline = time.monotonic() + timeout
+        while not api.create_subject_access_review(review).status.allowed:
+            if time.monotonic() > deadline:
+                raise ClusterError(f"{user} still may not {verb} {resource} in {namespace} after {timeout:.0f} s")
+            time.sleep(0.1)
+
     def kubectl(self, *args: str, user: str = "admin", check: bool = True, timeout: float = 60,
                 input: str | None = None) -> subprocess.CompletedProcess:
         """Run the built kubectl against this cluster; returns the CompletedProcess (text)."""

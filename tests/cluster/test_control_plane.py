@@ -302,7 +302,8 @@ def test_spare_user_tokens_and_rbac(local_cluster, ns):
                                                          "name": "pods"},
                                              "subjects": [{"kind": "User", "name": "user-1",
                                                            "apiGroup": "rbac.authorization.k8s.io"}]})
-    wait_for(lambda: user_core.list_namespaced_pod(ns) is not None, 10, what="RBAC binding effective")
+    local_cluster.wait_until_allowed("user-1", "list", "pods", ns)
+    assert user_core.list_namespaced_pod(ns).items == []
 
 
 # ------------------------------------------------------------------ cleanup

@@ -37,6 +37,7 @@ def apply_shipped_rbac(cluster, namespace: str, user: str) -> None:
     rbac.create_namespaced_role(namespace, role)
     binding["subjects"] = [{"kind": "User", "name": user, "apiGroup": "rbac.authorization.k8s.io"}]
     rbac.create_namespaced_role_binding(namespace, binding)
+    cluster.wait_until_allowed(user, "create", "jobs", namespace, group="batch")
 
 
 def created_objects(core, batch, namespace: str) -> list[str]:
