@@ -61,13 +61,14 @@ def task_context(dag_id: str = "bench", task_id: str = "task", run_id: str | Non
 
 
 def grant_job_reader(cluster: Any, users: list[str], namespace: str = "default") -> None:
-    """A Role that can get/list/watch Jobs (and jobs/status), bound to ``users``: the waiter's least rights."""
+    """A Role that can get/list/watch Jobs (and jobs/status) and list pods, bound to ``users``: the waiter's least rights."""
     from kubernetes import client
 
     rbac = client.RbacAuthorizationV1Api(cluster.api_client())
     rbac.create_namespaced_role(namespace, {
         "metadata": {"name": "bench-job-reader"},
-        "rules": [{"apiGroups": ["batch"], "resources": ["jobs", "jobs/status"], "verbs": ["get", "list", "watch"]}],
+        "rules": [{"apiGroups": ["batch"], "resources": ["jobs", "jobs/status"], "verbs": ["get", "list", "watch"]},
+                  {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}],  # our stuck-image check
     })
     rbac.create_namespaced_role_binding(namespace, {
         "metadata": {"name": "bench-job-reader"},

@@ -87,7 +87,8 @@ async def wait_side_by_side(kubeconfig: str, name: str) -> dict[str, Any]:
 
     from workqueue_provider.triggers.job import JobCompleteTrigger
 
-    ours = JobCompleteTrigger(job_name=name, namespace=NAMESPACE, kubernetes_conn_id="bench_ours")
+    ours = JobCompleteTrigger(job_name=name, namespace=NAMESPACE, kubernetes_conn_id="bench_ours",
+                              image_pull_grace_seconds=300)  # as QueueJobOperator defers: stuck-image check on
     anchor = KubernetesJobTrigger(job_name=name, job_namespace=NAMESPACE, pod_names=[], pod_namespace=NAMESPACE,
                                   base_container_name="work", kubernetes_conn_id="bench_anchor",
                                   get_logs=False, do_xcom_push=False)  # poll_interval: its default, 10 s

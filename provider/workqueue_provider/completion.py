@@ -54,16 +54,19 @@ def conclude(job: dict[str, Any], jobs: JobsHook, verification: Verification, lo
     return summary
 
 
-def stuck_error(name: str, namespace: str, jobs: JobsHook, grace_seconds: float | None, *,
-                deleted: bool = False) -> JobError | None:
+def stuck_error(name: str, namespace: str, jobs: JobsHook, grace_seconds: float | None) -> JobError | None:
     """The error to raise when the Job's pods have waited longer than ``grace_seconds`` on an image that
-    can't be pulled (or a config that can't be created), else None: such a Job never finishes by itself.
-    ``deleted``: the caller deletes the Job before raising (the message says so)."""
+    can't be pulled (or a config that can't be created), else None: such a Job never finishes by itself."""
     if grace_seconds is None:
         return None
     stuck = jobs.stuck_containers(name, namespace, grace_seconds)
-    if not stuck:
-        return None
+    return stuck_job_error(name, namespace, grace_seconds, stuck) if stuck else None
+
+
+def stuck_job_error(name: str, namespace: str, grace_seconds: float, stuck: list[str], *,
+                    deleted: bool = False) -> JobError:
+    """The error for a Job whose pods can't start; ``stuck`` lists them (see ``stuck_containers``).
+    ``deleted``: the caller deleted the Job (the message says so)."""
     return JobError(
         f"Job {namespace}/{name} can't start its pods (waiting more than {grace_seconds:g} s):"
         + "".join(f"\n  - {line}" for line in stuck[:3])
@@ -77,6 +80,8 @@ def finish_from_event(event: dict[str, Any], jobs: JobsHook, verification: Verif
     """Turn a JobCompleteTrigger event into the summary (or the error), reading the Job's final state."""
     if event["status"] in ("timeout", "error"):
         raise JobError(event["message"])
+    if event["status"] == "stuck":
+        raise stuck_job_error(event["job_name"], event["namespace"], event["grace_seconds"], event["stuck"])
     job = jobs.get_job(event["job_name"], event["namespace"])
     if job is None:
         raise JobError(f"Job {event['namespace']}/{event['job_name']} vanished before its result could be read.")

@@ -130,6 +130,25 @@ def sensor_on_missing_image(t: SimpleNamespace) -> Any:
     raise AssertionError("the sensor never noticed the missing image")
 
 
+def deferred(make_task: Callable[[SimpleNamespace], Any]) -> Callable[[SimpleNamespace], Any]:
+    """Run a deferrable task as Airflow does: execute, run its trigger to the first event, execute_complete."""
+    def run(t: SimpleNamespace) -> Any:
+        import asyncio
+
+        from airflow.sdk.exceptions import TaskDeferred
+
+        task = make_task(t)
+        with pytest.raises(TaskDeferred) as deferral:
+            task.execute(task_context())
+
+        async def first_event() -> Any:
+            async for event in deferral.value.trigger.run():
+                return event.payload
+        event = asyncio.run(asyncio.wait_for(first_event(), HANG_GUARD))
+        return getattr(task, deferral.value.method_name)(task_context(), event)
+    return run
+
+
 def ensure_broker(**kw: Any) -> Callable[[SimpleNamespace], Any]:
     return lambda t: EnsureBrokerOperator(
         task_id="broker", **{"namespace": t.namespace, "startup_timeout": 5, "poll_interval": 0.5, **kw}
@@ -260,6 +279,9 @@ CASES = [
     case("job-unreachable-broker", job(), BrokerUnreachableError, "did not answer", env={AMQP: UNREACHABLE}),
     case("job-missing-image", job(image=MISSING_IMAGE, image_pull_grace_seconds=2), JobError,
          f"image {MISSING_IMAGE!r}: ErrImagePull", job_left="deleted"),
+    case("job-missing-image-deferred", deferred(lambda t: QueueJobOperator(
+        task_id="run_job", image=MISSING_IMAGE, queue_name=t.queue, namespace=t.namespace, image_pull_grace_seconds=2)),
+        JobError, f"image {MISSING_IMAGE!r}: ErrImagePull", job_left="deleted"),
     # JobCompleteSensor
     case("sensor-missing-job", sensor(), JobError, "does not exist: was it deleted, or never created?"),
     case("sensor-invalid-job-name", sensor(job_name="Job_1"), ConfigurationError, "job_name 'Job_1' is not a valid RFC 1123"),
@@ -269,6 +291,10 @@ CASES = [
          "The Kubernetes connection 'no_such_cluster' isn't defined"),
     case("sensor-missing-image", sensor_on_missing_image, JobError, f"image {MISSING_IMAGE!r}: ErrImagePull",
          job_left="kept"),
+    case("sensor-missing-image-deferred", deferred(lambda t: JobCompleteSensor(
+        task_id="wait", queue_name=t.queue, image_pull_grace_seconds=2,
+        **job(image=MISSING_IMAGE, wait_for_completion=False)(t))),
+        JobError, f"image {MISSING_IMAGE!r}: ErrImagePull", job_left="kept"),
     # EnsureBrokerOperator
     case("broker-guest-credentials-refused", ensure_broker(), ConfigurationError, "with the guest user",
          env={AMQP: NO_BROKER_GUEST}),

@@ -136,7 +136,7 @@ def test_the_trigger_watches_until_complete_and_the_sensor_verifies(amqp_conn, k
 
 def test_the_trigger_serializes_to_its_constructor_arguments():
     trigger = JobCompleteTrigger(job_name="j", namespace="n", kubernetes_conn_id="k", deadline=1.5, delete_on_kill=False,
-                                 progress_every=5, queue_name="q", amqp_conn_id="a")
+                                 progress_every=5, queue_name="q", amqp_conn_id="a", image_pull_grace_seconds=7.5)
     path, kwargs = trigger.serialize()
     assert path == "workqueue_provider.triggers.job.JobCompleteTrigger"
     assert JobCompleteTrigger(**kwargs).serialize() == (path, kwargs)
@@ -176,3 +176,12 @@ def test_periodic_progress_says_how_many_items_are_left(amqp_conn, kube_conn, cl
     output = capfd.readouterr()
     lines = [line for line in (output.out + output.err).splitlines() if "still running after" in line]
     assert lines and f"items left in queue {queue_name!r}" in lines[-1], lines
+
+
+def test_the_stuck_pod_check_leaves_a_healthy_job_alone(amqp_conn, kube_conn, cluster, namespace, queue_name):
+    filled(queue_name, items=["a", "b", "c"])
+    launched = job_op(queue_name, namespace, wait_for_completion=False, parallelism=1,
+                      command=["sh", "-c", "sleep 2"]).execute(task_context())
+    event = run_trigger(JobCompleteTrigger(kubernetes_conn_id=kube_conn, deadline=time.time() + 120,
+                                           image_pull_grace_seconds=0.5, **launched))
+    assert event["status"] == "succeeded" and event["assessment"]["succeeded"] == 3, event

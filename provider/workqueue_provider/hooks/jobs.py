@@ -18,9 +18,7 @@ from workqueue_provider.exceptions import ConfigurationError, WorkQueueError
 from workqueue_provider.hooks.connections import connection_error, malformed_error
 from workqueue_provider.hooks.kube_errors import api_error
 from workqueue_provider.kube.job_manifest import owner_reference
-from workqueue_provider.kube.job_status import stuck_containers
-
-JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+from workqueue_provider.kube.job_status import pods_of, stuck_containers
 
 
 class JobsHook:
@@ -119,7 +117,7 @@ class JobsHook:
 
     def job_pods(self, name: str, namespace: str) -> list[dict[str, Any]]:
         try:
-            pods = self.core.list_namespaced_pod(namespace, label_selector=f"{JOB_NAME_LABEL}={name}")
+            pods = self.core.list_namespaced_pod(namespace, label_selector=pods_of(name))
         except ApiException as e:
             raise self._api_error(e, f"list the pods of Job {name!r}", namespace) from e
         return [self.as_dict(pod) for pod in pods.items]

@@ -78,6 +78,14 @@ def assess(job: dict[str, Any]) -> JobAssessment:
     )
 
 
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"  # set by the Job controller on every pod it creates
+
+
+def pods_of(job_name: str) -> str:
+    """Label selector for the pods of Job ``job_name``."""
+    return f"{JOB_NAME_LABEL}={job_name}"
+
+
 # Waiting reasons a pod doesn't leave on its own: the Job would wait forever (no pod fails, none runs).
 STUCK_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
                  "CreateContainerConfigError", "CreateContainerError")

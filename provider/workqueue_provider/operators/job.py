@@ -12,8 +12,8 @@ from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
 from airflow.sdk import BaseOperator
 
 from workqueue_provider.compat import AirflowSkipException
-from workqueue_provider.completion import Verification, finish_from_event, stuck_error
-from workqueue_provider.exceptions import ConfigurationError
+from workqueue_provider.completion import Verification, finish_from_event, stuck_job_error
+from workqueue_provider.exceptions import ConfigurationError, JobError
 from workqueue_provider.hooks.amqp import AmqpHook
 from workqueue_provider.hooks.jobs import JobsHook
 from workqueue_provider.kube.job_manifest import (
@@ -50,10 +50,10 @@ class QueueJobOperator(BaseOperator):
       re-attaches to the Job of the earlier attempt instead of creating a second one.
     * waiting defers to :class:`JobCompleteTrigger` (a watch; no worker slot held); killing the
       deferred task deletes the Job with Background propagation.
-    * waiting in the worker (``deferrable=False``) fails once a pod has waited longer than
+    * waiting (deferred or in the worker) fails once a pod has waited longer than
       ``image_pull_grace_seconds`` on an image that can't be pulled (ErrImagePull, ImagePullBackOff,
       CreateContainerConfigError...), naming the image, and deletes the Job (with ``delete_on_kill``);
-      ``None`` turns the check off.
+      such a Job would never end by itself. ``None`` turns the check off.
 
     :param image: worker image; its command consumes items (the seed's ``job-wq-1``).
     :param queue_name: the filled queue; pods get it as ``QUEUE``.
@@ -89,8 +89,8 @@ class QueueJobOperator(BaseOperator):
     :param dead_letter_queue: report (and by default fail on) items dead-lettered there.
     :param fail_on_dead_letters: fail when the dead-letter queue holds items.
     :param delete_on_kill: delete the Job when the waiting task is killed.
-    :param image_pull_grace_seconds: with ``deferrable=False``, fail (naming the image) and delete the Job
-        (with ``delete_on_kill``) once a pod has waited this long on an image that can't be pulled. None: never.
+    :param image_pull_grace_seconds: fail (naming the image) and delete the Job (with ``delete_on_kill``)
+        once a pod has waited this long on an image that can't be pulled. None: never.
     :param kubernetes_conn_id: the cncf provider's Kubernetes connection.
     :param amqp_conn_id: the AMQP connection (queue depth, verification, the pods' BROKER_URL).
     :return: with ``wait_for_completion``: the summary (job_name, namespace, succeeded, failed,
@@ -209,7 +209,8 @@ class QueueJobOperator(BaseOperator):
             trigger=JobCompleteTrigger(job_name=name, namespace=options.namespace,
                                        kubernetes_conn_id=self.kubernetes_conn_id,
                                        deadline=time.time() + float(self.timeout), delete_on_kill=self.delete_on_kill,
-                                       queue_name=options.queue_name, amqp_conn_id=self.amqp_conn_id),
+                                       queue_name=options.queue_name, amqp_conn_id=self.amqp_conn_id,
+                                       image_pull_grace_seconds=self.image_pull_grace_seconds),
             method_name="execute_complete",
             timeout=timedelta(seconds=float(self.timeout)),
         )
@@ -272,19 +273,27 @@ class QueueJobOperator(BaseOperator):
             if verdict.done:
                 return finish_from_event({"status": verdict.phase.value, "job_name": name, "namespace": namespace},
                                          self.jobs, self.verification, self.log)
-            if verdict.active > int((job.get("status") or {}).get("ready") or 0):
-                stuck = stuck_error(name, namespace, self.jobs, self.image_pull_grace_seconds, deleted=self.delete_on_kill)
-                if stuck is not None:
-                    if self.delete_on_kill:
-                        self.jobs.delete_job(name, namespace)
-                    raise stuck
+            grace = self.image_pull_grace_seconds
+            if grace is not None and verdict.active > int((job.get("status") or {}).get("ready") or 0):
+                stuck = self.jobs.stuck_containers(name, namespace, grace)
+                if stuck:
+                    raise self._stuck(name, namespace, grace, stuck)
             if time.monotonic() > deadline:
                 return finish_from_event({"status": "timeout", "message": f"Job {namespace}/{name} timed out.",
                                           "job_name": name, "namespace": namespace}, self.jobs, self.verification, self.log)
             time.sleep(self.poll_interval)
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
+        if event["status"] == "stuck":
+            raise self._stuck(event["job_name"], event["namespace"], event["grace_seconds"], event["stuck"])
         return finish_from_event(event, self.jobs, self.verification, self.log)
+
+    def _stuck(self, name: str, namespace: str, grace_seconds: float, stuck: list[str]) -> JobError:
+        """The error for a Job whose pods can't start, after deleting the Job (with ``delete_on_kill``):
+        left alone it would never end."""
+        if self.delete_on_kill:
+            self.jobs.delete_job(name, namespace)
+        return stuck_job_error(name, namespace, grace_seconds, stuck, deleted=self.delete_on_kill)
 
     def on_kill(self) -> None:
         """Killed while waiting in the worker: delete the Job (the trigger handles the deferred case)."""

@@ -40,7 +40,8 @@ class JobCompleteSensor(BaseSensorOperator):
     :param kubernetes_conn_id: the cncf provider's Kubernetes connection.
     :param amqp_conn_id: the AMQP connection used for verification.
     :param image_pull_grace_seconds: fail (naming the image) once a pod has waited this long on an image
-        that can't be pulled or a config that can't be created; checked on each poke. None: never.
+        that can't be pulled or a config that can't be created; checked on each poke, or by the trigger
+        while deferred. The sensor leaves the Job alone (it didn't create it). None: never.
     :return: summary dict (job_name, namespace, succeeded, failed, duration_seconds, items_left, dead_lettered).
     """
 
@@ -86,7 +87,8 @@ class JobCompleteSensor(BaseSensorOperator):
             trigger=JobCompleteTrigger(job_name=self.job_name, namespace=self.namespace,
                                        kubernetes_conn_id=self.kubernetes_conn_id,
                                        deadline=time.time() + float(self.timeout), delete_on_kill=self.delete_on_kill,
-                                       queue_name=self.queue_name, amqp_conn_id=self.amqp_conn_id),
+                                       queue_name=self.queue_name, amqp_conn_id=self.amqp_conn_id,
+                                       image_pull_grace_seconds=self.image_pull_grace_seconds),
             method_name="execute_complete",
             timeout=timedelta(seconds=float(self.timeout)),
         )

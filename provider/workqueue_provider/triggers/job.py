@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -20,11 +20,12 @@ from kubernetes_asyncio import client as async_client
 from kubernetes_asyncio import watch as async_watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from workqueue_provider.kube.job_status import JobAssessment, assess
+from workqueue_provider.kube.job_status import JobAssessment, assess, pods_of, stuck_containers
 
 WATCH_SECONDS = 290  # below the API server's default --min-request-timeout range, so reconnects are rare
 RECONNECT_DELAYS = (0.5, 1, 2, 5, 10)
 WATCH_CLIENT_GRACE = 10  # client-side timeout of a watch = its server-side timeout + this
+STUCK_CHECK_SECONDS = 15  # how often pods are checked for an image that can't be pulled, while some aren't ready
 
 
 def _airflow_3_3_plus() -> bool:
@@ -47,11 +48,14 @@ class JobCompleteTrigger(BaseTrigger):
         would say nothing between the start and the end.
     :param queue_name: with ``amqp_conn_id``, those periodic lines also say how many items are left in
         the queue (a passive declare, off the event loop).
+    :param image_pull_grace_seconds: fire a ``stuck`` event once a pod has waited this long on an image
+        that can't be pulled or a config that can't be created (such a Job never ends by itself). Pods
+        are listed only once the Job has had active pods that aren't ready for that long. None: never.
     """
 
     def __init__(self, *, job_name: str, namespace: str, kubernetes_conn_id: str, deadline: float | None = None,
                  delete_on_kill: bool = True, progress_every: float = 60.0, queue_name: str | None = None,
-                 amqp_conn_id: str | None = None) -> None:
+                 amqp_conn_id: str | None = None, image_pull_grace_seconds: float | None = None) -> None:
         super().__init__()
         self.job_name = job_name
         self.namespace = namespace
@@ -61,7 +65,9 @@ class JobCompleteTrigger(BaseTrigger):
         self.progress_every = progress_every
         self.queue_name = queue_name
         self.amqp_conn_id = amqp_conn_id
+        self.image_pull_grace_seconds = image_pull_grace_seconds
         self._fired = False
+        self._unready_since: float | None = None  # monotonic time since when some active pods aren't ready
         self._progress: str | None = None
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
@@ -76,13 +82,15 @@ class JobCompleteTrigger(BaseTrigger):
                 "progress_every": self.progress_every,
                 "queue_name": self.queue_name,
                 "amqp_conn_id": self.amqp_conn_id,
+                "image_pull_grace_seconds": self.image_pull_grace_seconds,
             },
         )
 
     def _hook(self) -> AsyncKubernetesHook:
         return AsyncKubernetesHook(conn_id=self.kubernetes_conn_id)
 
-    def _event(self, status: str, assessment: JobAssessment | None = None, message: str | None = None) -> TriggerEvent:
+    def _event(self, status: str, assessment: JobAssessment | None = None, message: str | None = None,
+               **extra: Any) -> TriggerEvent:
         self._fired = True
         return TriggerEvent({
             "status": status,
@@ -90,16 +98,22 @@ class JobCompleteTrigger(BaseTrigger):
             "namespace": self.namespace,
             "assessment": assessment.to_dict() if assessment else None,
             "message": message,
+            **extra,
         })
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        waiters = [asyncio.ensure_future(_first(self._watch()))]
+        if self.image_pull_grace_seconds is not None:
+            waiters.append(asyncio.ensure_future(self._watch_for_stuck_pods(self.image_pull_grace_seconds)))
         heartbeat = asyncio.ensure_future(self._heartbeat()) if self.progress_every else None
         try:
-            async for event in self._watch():
-                yield event
+            done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            event = done.pop().result()
         finally:
-            if heartbeat is not None:
-                heartbeat.cancel()
+            for task in (*waiters, heartbeat):
+                if task is not None:
+                    task.cancel()
+        yield event
 
     async def _heartbeat(self) -> None:
         started = time.monotonic()
@@ -122,7 +136,35 @@ class JobCompleteTrigger(BaseTrigger):
             return ""
         return f", {depth.messages:,} items left in queue {self.queue_name!r}"
 
-    async def _watch(self) -> AsyncIterator[TriggerEvent]:
+    async def _watch_for_stuck_pods(self, grace_seconds: float) -> TriggerEvent:
+        """The ``stuck`` event, once a pod has waited ``grace_seconds`` on an image that can't be pulled."""
+        async with self._hook().get_conn() as api:
+            core = async_client.CoreV1Api(api)
+            while True:
+                await asyncio.sleep(min(STUCK_CHECK_SECONDS, grace_seconds))
+                if self._unready_since is None or time.monotonic() - self._unready_since < grace_seconds:
+                    continue
+                try:
+                    pods = await core.list_namespaced_pod(self.namespace, label_selector=pods_of(self.job_name))
+                except (ApiException, TimeoutError, OSError, aiohttp.ClientError) as e:  # the watch reports outages
+                    self.log.debug("Could not list the pods of Job %s: %r", self.job_name, e)
+                    continue
+                stuck = stuck_containers([api.sanitize_for_serialization(pod) for pod in pods.items],
+                                         now=time.time(), grace_seconds=grace_seconds)
+                if stuck:
+                    self.log.error("Job %s/%s can't start its pods: %s", self.namespace, self.job_name, "; ".join(stuck))
+                    return self._event("stuck", message=f"Job {self.namespace}/{self.job_name} can't start its pods.",
+                                       grace_seconds=grace_seconds, stuck=stuck)
+
+    def _track_readiness(self, status: dict[str, Any]) -> None:
+        """Pods are listed only once some active pods have stayed not ready for the grace period, so a
+        healthy Job costs no extra request."""
+        if int(status.get("active") or 0) > int(status.get("ready") or 0):
+            self._unready_since = self._unready_since or time.monotonic()
+        else:
+            self._unready_since = None
+
+    async def _watch(self) -> AsyncGenerator[TriggerEvent, None]:
         last_progress = None
         resource_version: str | None = None
         failures = 0
@@ -163,6 +205,7 @@ class JobCompleteTrigger(BaseTrigger):
                             if event["type"] == "DELETED":
                                 yield self._event("error", message=f"Job {self.namespace}/{self.job_name} was deleted while waiting.")
                                 return
+                            self._track_readiness(job.get("status") or {})
                             verdict = assess(job)
                             if verdict.progress() != last_progress:
                                 last_progress = self._progress = verdict.progress()
@@ -231,3 +274,12 @@ async def _chain(first: list[dict[str, Any]], rest: Any) -> AsyncIterator[dict[s
         yield item
     async for item in rest:
         yield item
+
+
+async def _first(events: AsyncGenerator[TriggerEvent, None]) -> TriggerEvent:
+    try:
+        async for event in events:
+            return event
+        raise RuntimeError("the watch ended without an event")
+    finally:
+        await events.aclose()  # closes the watch's API client now, not at garbage collection
