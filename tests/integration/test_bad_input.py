@@ -19,6 +19,7 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -63,6 +64,7 @@ NO_BROKER_OWN_USER = ('{{"conn_type": "amqp", "host": "127.0.0.1", "port": {free
                       f'"password": "{WRONG_PASSWORD}"}}}}')
 AMQP = "AIRFLOW_CONN_AMQP_DEFAULT"
 KUBE = "AIRFLOW_CONN_KUBERNETES_DEFAULT"
+UNREACHABLE_KUBE = "{kube_conn_unreachable}"  # a kubeconfig whose API server address doesn't answer
 NO_RIGHTS = "{kube_conn_of_user_2}"  # LocalCluster's user-2: authenticated, no RBAC rights at all
 
 
@@ -276,6 +278,8 @@ CASES = [
          "The Kubernetes connection 'kubernetes_default' is malformed", env={KUBE: '{{"conn_type": "kubernetes", '}),
     case("job-kubeconfig-not-found", job(), ConfigurationError, "The Kubernetes connection 'kubernetes_default' can't be used",
          env={KUBE: '{{"conn_type": "kubernetes", "extra": {{"kube_config_path": "/nonexistent/kubeconfig"}}}}'}),
+    case("job-unreachable-kubernetes-api", job(), JobError,
+         "The Kubernetes API of connection 'kubernetes_default' can't be reached", env={KUBE: UNREACHABLE_KUBE}),
     case("job-unreachable-broker", job(), BrokerUnreachableError, "did not answer", env={AMQP: UNREACHABLE}),
     case("job-missing-image", job(image=MISSING_IMAGE, image_pull_grace_seconds=2), JobError,
          f"image {MISSING_IMAGE!r}: ErrImagePull", job_left="deleted"),
@@ -380,6 +384,9 @@ def test_bad_input_is_refused_with_a_clear_error_before_any_side_effect(
     before = kube_objects(cluster, namespace)
     values = {"free_port": free_port(), "broker_url": broker_url, "kube_conn_of_user_2": json.dumps(
         {"conn_type": "kubernetes", "extra": {"kube_config_path": str(cluster.kubeconfig_for("user-2"))}})}
+    unreachable = tmp_path / "kubeconfig-unreachable"  # the cluster's kubeconfig, at a port nothing listens on
+    unreachable.write_text(Path(cluster.kubeconfig).read_text().replace(cluster.server, f"https://127.0.0.1:{free_port()}"))
+    values["kube_conn_unreachable"] = json.dumps({"conn_type": "kubernetes", "extra": {"kube_config_path": str(unreachable)}})
     for name, value in bad.env.items():
         monkeypatch.setenv(name, value.format(**values))
     target = SimpleNamespace(queue=queue_name, namespace=namespace, tmp_path=tmp_path, monkeypatch=monkeypatch,
@@ -402,6 +409,11 @@ def test_bad_input_is_refused_with_a_clear_error_before_any_side_effect(
         for name in new_jobs:  # the sensor doesn't own the Job it waits for
             batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
     assert MISSING_NAMESPACE not in [ns.metadata.name for ns in core.list_namespace().items]
+
+
+def test_the_docs_table_names_every_case():
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "bad-input.md").read_text()
+    assert [param.id for param in CASES if f"`{param.id}`" not in doc] == []
 
 
 def test_the_table_covers_every_operator_and_the_cli():

@@ -157,6 +157,34 @@ def test_the_watch_survives_an_api_server_restart(amqp_conn, kube_conn, cluster,
     assert processed(cluster, core, namespace, launched["job_name"]) == sorted(f"Processing {i}" for i in items)
 
 
+def test_waiting_in_the_worker_rides_out_an_api_server_restart(amqp_conn, kube_conn, cluster, core, namespace,
+                                                               queue_name, tmp_path, caplog):
+    import threading
+
+    items = ["a", "b", "c", "d"]
+    filled(queue_name, items)
+    command = worker_script(tmp_path, SLOW_ITEM)
+    operator = job_op(queue_name, namespace, command, parallelism=1, poll_interval=0.5)
+    away: list[float] = []
+
+    def restart_once_running():
+        wait_for_running_pod(core, namespace)
+        away.append(cluster.restart_apiserver(down_seconds=5))
+
+    restarter = threading.Thread(target=restart_once_running)
+    caplog.set_level(logging.WARNING, logger="workqueue_provider.hooks.jobs")
+    restarter.start()
+    try:
+        summary = operator.execute(task_context())  # deferrable=False: polls get_job through the outage
+    finally:
+        restarter.join()
+    retries = [r.getMessage() for r in caplog.records if "reading again" in r.getMessage()]
+    print(f"\nkube-apiserver away {away[0]:.1f} s; {len(retries)} reads retried, first: {retries[:1]}")
+    assert retries, "the poll met the outage"
+    assert summary["succeeded"] == 4 and summary["items_left"] == 0
+    assert processed(cluster, core, namespace, summary["job_name"]) == sorted(f"Processing {i}" for i in items)
+
+
 def test_a_410_gone_makes_the_watch_list_again(amqp_conn, kube_conn, cluster, namespace, queue_name, tmp_path,
                                               monkeypatch, caplog):
     filled(queue_name, ["a", "b"])

@@ -8,17 +8,38 @@ so :func:`workqueue_provider.kube.job_status.assess` reads both. ``ApiException`
 from __future__ import annotations
 
 import contextlib
+import logging
 from functools import cached_property
 from typing import Any
 
+import urllib3
 from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
 from kubernetes.client import ApiException, BatchV1Api, CoreV1Api
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from workqueue_provider.exceptions import ConfigurationError, WorkQueueError
 from workqueue_provider.hooks.connections import connection_error, malformed_error
-from workqueue_provider.hooks.kube_errors import api_error
+from workqueue_provider.hooks.kube_errors import api_error, transport_error
 from workqueue_provider.kube.job_manifest import owner_reference
 from workqueue_provider.kube.job_status import pods_of, stuck_containers
+
+log = logging.getLogger(__name__)
+
+OUTAGE_SECONDS = 120.0  # how long a waiting read rides out an API outage (a restart, a control-plane upgrade)
+TRANSIENT_STATUSES = (429, 500, 502, 503, 504)
+
+
+def _transient(error: BaseException) -> bool:
+    """Worth reading again: the API server unreachable, restarting or throttling."""
+    if isinstance(error, ApiException):
+        return error.status in TRANSIENT_STATUSES
+    return isinstance(error, urllib3.exceptions.HTTPError | OSError)
+
+
+def _log_retry(state: RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome else None
+    log.warning("The Kubernetes API is unavailable (%s); reading again in %.1f s (giving up %.0f s after the "
+                "first failure).", f"{type(error).__name__}: {str(error)[:200]}", state.upcoming_sleep, OUTAGE_SECONDS)
 
 
 class JobsHook:
@@ -64,9 +85,23 @@ class JobsHook:
     def _api_error(self, error: ApiException, action: str, namespace: str) -> WorkQueueError:
         return api_error(error, action, kubernetes_conn_id=self.kubernetes_conn_id, namespace=namespace)
 
-    def get_job(self, name: str, namespace: str) -> dict[str, Any] | None:
+    def _read(self, call: Any, *args: Any, ride_out_outages: bool = False) -> Any:
+        """``call(*args)``; with ``ride_out_outages`` (while waiting), unreachable, restarting or throttling
+        API servers are retried with backoff for up to :data:`OUTAGE_SECONDS`. An unreachable API is a
+        clear error; ``ApiException`` is the caller's to word."""
+        retrying = Retrying(retry=retry_if_exception(_transient), reraise=True, before_sleep=_log_retry,
+                            stop=stop_after_delay(OUTAGE_SECONDS if ride_out_outages else 0),
+                            wait=wait_exponential(multiplier=0.5, max=10))
         try:
-            return self.as_dict(self.batch.read_namespaced_job(name, namespace))
+            return retrying(call, *args)
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            raise transport_error(e, self.kubernetes_conn_id) from e
+
+    def get_job(self, name: str, namespace: str, *, ride_out_outages: bool = False) -> dict[str, Any] | None:
+        """The Job, or None when it doesn't exist. Waiting loops pass ``ride_out_outages``."""
+        try:
+            return self.as_dict(self._read(self.batch.read_namespaced_job, name, namespace,
+                                           ride_out_outages=ride_out_outages))
         except ApiException as e:
             if e.status == 404:
                 return None

@@ -50,6 +50,8 @@ class QueueJobOperator(BaseOperator):
       re-attaches to the Job of the earlier attempt instead of creating a second one.
     * waiting defers to :class:`JobCompleteTrigger` (a watch; no worker slot held); killing the
       deferred task deletes the Job with Background propagation.
+    * an API-server outage (a restart, a control-plane upgrade) doesn't fail the wait: the deferred
+      watch reconnects, and waiting in the worker retries its reads with backoff for up to 120 s.
     * waiting (deferred or in the worker) fails once a pod has waited longer than
       ``image_pull_grace_seconds`` on an image that can't be pulled (ErrImagePull, ImagePullBackOff,
       CreateContainerConfigError...), naming the image, and deletes the Job (with ``delete_on_kill``);
@@ -262,7 +264,7 @@ class QueueJobOperator(BaseOperator):
         deadline = time.monotonic() + float(self.timeout)
         last = None
         while True:
-            job = self.jobs.get_job(name, namespace)
+            job = self.jobs.get_job(name, namespace, ride_out_outages=True)
             if job is None:
                 return finish_from_event({"status": "error", "message": f"Job {namespace}/{name} was deleted.",
                                           "job_name": name, "namespace": namespace}, self.jobs, self.verification, self.log)

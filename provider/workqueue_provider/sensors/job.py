@@ -29,6 +29,8 @@ class JobCompleteSensor(BaseSensorOperator):
     with the reason, the failed pods' exit codes and their last log lines.
 
     Deferrable by default: the triggerer watches the Job and no worker slot is held meanwhile.
+    Either way an API-server outage of up to 120 s doesn't fail the wait (the watch reconnects; a
+    poke retries its read with backoff).
 
     :param job_name: Job to wait for. Templated (e.g. from the launching task's XCom).
     :param namespace: its namespace. Templated.
@@ -96,7 +98,7 @@ class JobCompleteSensor(BaseSensorOperator):
     def poke(self, context: Context) -> PokeReturnValue | bool:
         validate_name(self.job_name, "job_name")
         validate_name(self.namespace, "namespace")
-        job = self.jobs.get_job(self.job_name, self.namespace)
+        job = self.jobs.get_job(self.job_name, self.namespace, ride_out_outages=True)
         if job is None:
             raise JobError(f"Job {self.namespace}/{self.job_name} does not exist: was it deleted, or never created?")
         verdict = assess(job)
