@@ -24,10 +24,10 @@ rabbitmq-server -detached >/dev/null 2>&1 || true
 # `await_startup` fails at once ("node not running at all") until the new node has registered
 # with epmd, which takes a few seconds after `-detached` returns, so retry it until a deadline.
 deadline=$((SECONDS + 120))
-until rabbitmqctl -q await_startup >/dev/null 2>&1; do
+until timeout 15 rabbitmqctl -q await_startup >/dev/null 2>&1; do
   if [ $SECONDS -ge $deadline ]; then
     echo "ensure-rabbitmq: RabbitMQ did not start within 120 s; see /var/log/rabbitmq/" >&2
-    rabbitmqctl -q await_startup || true  # print the CLI's diagnostics
+    timeout 15 rabbitmqctl -q await_startup || true  # print the CLI's diagnostics
     exit 1
   fi
   sleep 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import subprocess
 import time
+import uuid
 from urllib.parse import quote
 
 import psutil
@@ -31,6 +32,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 UI_TIMEOUT_MS = 180_000  # per browser action: a hang guard on 2 shared cores, not a speed check
 RUN_TIMEOUT = 900
+SLEEPER = "registry.example/sleeper:1.0"  # a worker image that never finishes its item
 
 
 @pytest.fixture(scope="module")
@@ -42,37 +44,45 @@ def chromium() -> str:
     return result.stdout.strip().splitlines()[-1]
 
 
-def test_the_ui_trigger_form_runs_the_example_dag_with_changed_params(chromium, broker_url, cluster, tmp_path):
+@pytest.fixture(scope="module")
+def airflow(broker_url, cluster, tmp_path_factory):
+    """Airflow's services for this module's tests; on exit, checks that none of their processes is left."""
+    started = time.monotonic()
+    services = AirflowServices(tmp_path_factory.mktemp("airflow"), kubeconfig=str(cluster.kubeconfig),
+                               amqp_url=broker_url)
+    with services:
+        print(f"airflow ready after {time.monotonic() - started:.0f} s at {services.url}")
+        services.wait_until(f"DAG {DAG_ID} to be parsed", lambda: services.api("GET", f"/dags/{DAG_ID}").json(), 300)
+        yield services
+        pids = services.pids()
+    leftovers = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert not leftovers, f"Airflow processes left running: {leftovers}"
+
+
+def test_the_ui_trigger_form_runs_the_example_dag_with_changed_params(chromium, airflow, broker_url, cluster):
     from playwright.sync_api import sync_playwright
 
     started = time.monotonic()
-    airflow = AirflowServices(tmp_path / "airflow", kubeconfig=str(cluster.kubeconfig), amqp_url=broker_url)
-    with airflow:
-        print(f"airflow ready after {time.monotonic() - started:.0f} s at {airflow.url}")
-        airflow.wait_until(f"DAG {DAG_ID} to be parsed", lambda: airflow.api("GET", f"/dags/{DAG_ID}").json(), 300)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1000})
+            page.set_default_timeout(UI_TIMEOUT_MS)
+            sign_in(page, airflow)
+            run_id = trigger_through_the_form(page, airflow)
+            print(f"triggered {run_id} after {time.monotonic() - started:.0f} s")
+            run = airflow.wait_until(f"run {run_id} to finish", lambda: finished(airflow, run_id), RUN_TIMEOUT, 3)
+            assert run["state"] == "success", f"run {run_id} ended {run['state']}:\n{task_logs(airflow, run_id)}"
+            assert run["conf"]["items"] == ITEMS and run["conf"]["parallelism"] == PARALLELISM
+            show_the_succeeded_run(page, airflow, run_id)
+            link = extra_link_in_the_ui(page, airflow, run_id)
+        finally:
+            browser.close()
 
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-            try:
-                page = browser.new_page(viewport={"width": 1440, "height": 1000})
-                page.set_default_timeout(UI_TIMEOUT_MS)
-                sign_in(page, airflow)
-                run_id = trigger_through_the_form(page, airflow)
-                print(f"triggered {run_id} after {time.monotonic() - started:.0f} s")
-                run = airflow.wait_until(f"run {run_id} to finish", lambda: finished(airflow, run_id), RUN_TIMEOUT, 3)
-                assert run["state"] == "success", f"run {run_id} ended {run['state']}:\n{task_logs(airflow, run_id)}"
-                assert run["conf"]["items"] == ITEMS and run["conf"]["parallelism"] == PARALLELISM
-                show_the_succeeded_run(page, airflow, run_id)
-                link = extra_link_in_the_ui(page, airflow, run_id)
-            finally:
-                browser.close()
-
-        logs = task_logs(airflow, run_id)
-        job = airflow.api("GET", f"/dags/{DAG_ID}/dagRuns/{quote(run_id, safe='')}/taskInstances/run_job/xcomEntries/"
-                                 "return_value").json()["value"]
-        links = airflow.api("GET", f"/dags/{DAG_ID}/dagRuns/{quote(run_id, safe='')}/taskInstances/run_job/links").json()["extra_links"]
-        services = airflow.pids()
-    leftovers = [pid for pid in services if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    logs = task_logs(airflow, run_id)
+    job = airflow.api("GET", f"/dags/{DAG_ID}/dagRuns/{quote(run_id, safe='')}/taskInstances/run_job/xcomEntries/"
+                             "return_value").json()["value"]
+    links = airflow.api("GET", f"/dags/{DAG_ID}/dagRuns/{quote(run_id, safe='')}/taskInstances/run_job/links").json()["extra_links"]
     print(f"test done after {time.monotonic() - started:.0f} s")
 
     # Progress from the sensor/trigger and the Job summary, as the task log shows them.
@@ -98,7 +108,36 @@ def test_the_ui_trigger_form_runs_the_example_dag_with_changed_params(chromium, 
     assert links["RabbitMQ queue"] == f"http://{broker.host}:15672/#/queues/%2F/{quote(queue, safe='')}" == link
     assert broker.login not in link and broker.password not in link
     assert SCREENSHOT.stat().st_size > 10_000
-    assert not leftovers, f"Airflow processes left running: {leftovers}"
+
+
+def test_marking_the_deferred_wait_failed_deletes_the_job_and_its_pods(airflow, cluster):
+    """What a user does to stop a run from the UI (its "Mark as failed" calls this same REST endpoint):
+    the triggerer cancels the deferred sensor's trigger, whose on_kill deletes the Job."""
+    cluster.register_image(SLEEPER, entrypoint=["sh", "-c", "sleep 600"])  # holds its item until killed
+    airflow.api("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})
+    run_id = f"kill-{uuid.uuid4().hex[:8]}"
+    airflow.api("POST", f"/dags/{DAG_ID}/dagRuns", json={
+        "dag_run_id": run_id, "logical_date": None, "conf": {"items": ["x", "y"], "image": SLEEPER}})
+    run_path = f"/dags/{DAG_ID}/dagRuns/{quote(run_id, safe='')}"
+    waiting = f"{run_path}/taskInstances/wait_for_job"
+    airflow.wait_until("wait_for_job to defer", lambda: airflow.api("GET", waiting).json()["state"] == "deferred",
+                       RUN_TIMEOUT, 2)
+    name = airflow.api("GET", f"{run_path}/taskInstances/run_job/xcomEntries/return_value").json()["value"]["job_name"]
+    batch, core = client.BatchV1Api(cluster.api_client()), client.CoreV1Api(cluster.api_client())
+    pods = f"batch.kubernetes.io/job-name={name}"
+    airflow.wait_until("the Job's pods to run", lambda: [p for p in core.list_namespaced_pod("default", label_selector=pods).items
+                                                        if p.status.phase == "Running"], 120, 1)
+
+    airflow.api("PATCH", waiting, json={"new_state": "failed"})
+    killed = time.monotonic()
+    airflow.wait_until(f"Job {name} to be deleted", lambda: not batch.list_namespaced_job(
+        "default", field_selector=f"metadata.name={name}").items, 120, 1)
+    print(f"Job deleted {time.monotonic() - killed:.1f} s after the task was marked failed")
+    airflow.wait_until("its pods to be gone", lambda: not core.list_namespaced_pod("default", label_selector=pods).items,
+                       120, 1)
+    run = airflow.wait_until(f"run {run_id} to finish", lambda: finished(airflow, run_id), RUN_TIMEOUT, 3)
+    assert run["state"] == "failed"
+    assert airflow.api("GET", f"{run_path}/taskInstances/delete_queue").json()["state"] == "success", "teardown ran"
 
 
 def sign_in(page, airflow: AirflowServices) -> None:

@@ -146,7 +146,7 @@ def deferred(make_task: Callable[[SimpleNamespace], Any]) -> Callable[[SimpleNam
         async def first_event() -> Any:
             async for event in deferral.value.trigger.run():
                 return event.payload
-        event = asyncio.run(asyncio.wait_for(first_event(), HANG_GUARD))
+        event = asyncio.run(asyncio.wait_for(first_event(), 3 * HANG_GUARD))  # pull, back-off, grace, check
         return getattr(task, deferral.value.method_name)(task_context(), event)
     return run
 

@@ -178,10 +178,24 @@ def test_periodic_progress_says_how_many_items_are_left(amqp_conn, kube_conn, cl
     assert lines and f"items left in queue {queue_name!r}" in lines[-1], lines
 
 
-def test_the_stuck_pod_check_leaves_a_healthy_job_alone(amqp_conn, kube_conn, cluster, namespace, queue_name):
-    filled(queue_name, items=["a", "b", "c"])
-    launched = job_op(queue_name, namespace, wait_for_completion=False, parallelism=1,
-                      command=["sh", "-c", "sleep 2"]).execute(task_context())
+def test_the_stuck_pod_check_leaves_a_slow_starting_job_alone(amqp_conn, kube_conn, cluster, namespace, queue_name,
+                                                             monkeypatch):
+    """Pods that are slow to become ready (a 4 s init container) are listed and checked, but not stuck."""
+    from workqueue_provider.triggers import job as trigger_module
+
+    real_list = trigger_module.async_client.CoreV1Api.list_namespaced_pod
+    listed = []
+
+    async def counting_list(self, *args, **kwargs):
+        listed.append(time.monotonic())
+        return await real_list(self, *args, **kwargs)
+
+    monkeypatch.setattr(trigger_module.async_client.CoreV1Api, "list_namespaced_pod", counting_list)
+    filled(queue_name, items=["a", "b"])
+    warm_up = {"spec": {"initContainers": [{"name": "warm-up", "image": "busybox", "command": ["sh", "-c", "sleep 4"]}]}}
+    launched = job_op(queue_name, namespace, wait_for_completion=False, parallelism=2,
+                      pod_template=warm_up).execute(task_context())
     event = run_trigger(JobCompleteTrigger(kubernetes_conn_id=kube_conn, deadline=time.time() + 120,
-                                           image_pull_grace_seconds=0.5, **launched))
-    assert event["status"] == "succeeded" and event["assessment"]["succeeded"] == 3, event
+                                           image_pull_grace_seconds=1, **launched))
+    assert event["status"] == "succeeded" and event["assessment"]["succeeded"] == 2, event
+    assert listed, "the check listed the pods while they were not ready"

@@ -29,11 +29,18 @@ OUTAGE_SECONDS = 120.0  # how long a waiting read rides out an API outage (a res
 TRANSIENT_STATUSES = (429, 500, 502, 503, 504)
 
 
+READ_TIMEOUT = (10, 30)  # seconds to connect, to read: a read against a silent address can't hang the wait
+NOT_TRANSIENT = (urllib3.exceptions.SSLError, urllib3.exceptions.LocationParseError, urllib3.exceptions.ProxyError)
+
+
 def _transient(error: BaseException) -> bool:
-    """Worth reading again: the API server unreachable, restarting or throttling."""
+    """Worth reading again: the API server unreachable, restarting or throttling (not a TLS or address
+    error, which waiting doesn't fix)."""
     if isinstance(error, ApiException):
         return error.status in TRANSIENT_STATUSES
-    return isinstance(error, urllib3.exceptions.HTTPError | OSError)
+    if isinstance(error, urllib3.exceptions.MaxRetryError):
+        error = error.reason or error
+    return isinstance(error, urllib3.exceptions.HTTPError | OSError) and not isinstance(error, NOT_TRANSIENT)
 
 
 def _log_retry(state: RetryCallState) -> None:
@@ -93,7 +100,7 @@ class JobsHook:
                             stop=stop_after_delay(OUTAGE_SECONDS if ride_out_outages else 0),
                             wait=wait_exponential(multiplier=0.5, max=10))
         try:
-            return retrying(call, *args)
+            return retrying(call, *args, _request_timeout=READ_TIMEOUT)
         except (urllib3.exceptions.HTTPError, OSError) as e:
             raise transport_error(e, self.kubernetes_conn_id) from e
 
@@ -150,18 +157,21 @@ class JobsHook:
         with contextlib.suppress(ApiException):
             self.core.delete_namespaced_secret(name, namespace)
 
-    def job_pods(self, name: str, namespace: str) -> list[dict[str, Any]]:
+    def job_pods(self, name: str, namespace: str, *, ride_out_outages: bool = False) -> list[dict[str, Any]]:
         try:
-            pods = self.core.list_namespaced_pod(namespace, label_selector=pods_of(name))
+            pods = self._read(lambda **kw: self.core.list_namespaced_pod(namespace, label_selector=pods_of(name), **kw),
+                              ride_out_outages=ride_out_outages)
         except ApiException as e:
             raise self._api_error(e, f"list the pods of Job {name!r}", namespace) from e
         return [self.as_dict(pod) for pod in pods.items]
 
     def stuck_containers(self, name: str, namespace: str, grace_seconds: float) -> list[str]:
-        """Containers of the Job's pods stuck on a missing image or bad config (see :func:`stuck_containers`)."""
+        """Containers of the Job's pods stuck on a missing image or bad config (see :func:`stuck_containers`).
+        Called while waiting, so it rides out API outages."""
         import time
 
-        return stuck_containers(self.job_pods(name, namespace), now=time.time(), grace_seconds=grace_seconds)
+        return stuck_containers(self.job_pods(name, namespace, ride_out_outages=True), now=time.time(),
+                                grace_seconds=grace_seconds)
 
     def pod_log_tail(self, pod: str, namespace: str, lines: int = 10) -> str:
         """The last lines a pod printed, or "" when the logs are unavailable."""

@@ -13,7 +13,7 @@ from airflow.sdk import BaseOperator
 
 from workqueue_provider.compat import AirflowSkipException
 from workqueue_provider.completion import Verification, finish_from_event, stuck_job_error
-from workqueue_provider.exceptions import ConfigurationError, JobError
+from workqueue_provider.exceptions import ConfigurationError, JobError, WorkQueueError
 from workqueue_provider.hooks.amqp import AmqpHook
 from workqueue_provider.hooks.jobs import JobsHook
 from workqueue_provider.kube.job_manifest import (
@@ -279,7 +279,7 @@ class QueueJobOperator(BaseOperator):
             if grace is not None and verdict.active > int((job.get("status") or {}).get("ready") or 0):
                 stuck = self.jobs.stuck_containers(name, namespace, grace)
                 if stuck:
-                    raise self._stuck(name, namespace, grace, stuck)
+                    raise self._delete_stuck_job(name, namespace, grace, stuck)
             if time.monotonic() > deadline:
                 return finish_from_event({"status": "timeout", "message": f"Job {namespace}/{name} timed out.",
                                           "job_name": name, "namespace": namespace}, self.jobs, self.verification, self.log)
@@ -287,15 +287,20 @@ class QueueJobOperator(BaseOperator):
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         if event["status"] == "stuck":
-            raise self._stuck(event["job_name"], event["namespace"], event["grace_seconds"], event["stuck"])
+            raise self._delete_stuck_job(event["job_name"], event["namespace"], event["grace_seconds"], event["stuck"])
         return finish_from_event(event, self.jobs, self.verification, self.log)
 
-    def _stuck(self, name: str, namespace: str, grace_seconds: float, stuck: list[str]) -> JobError:
-        """The error for a Job whose pods can't start, after deleting the Job (with ``delete_on_kill``):
-        left alone it would never end."""
+    def _delete_stuck_job(self, name: str, namespace: str, grace_seconds: float, stuck: list[str]) -> JobError:
+        """Delete a Job whose pods can't start (with ``delete_on_kill``; left alone it would never end) and
+        return the error to raise. A failed delete is logged; the error then says to delete it."""
+        deleted = False
         if self.delete_on_kill:
-            self.jobs.delete_job(name, namespace)
-        return stuck_job_error(name, namespace, grace_seconds, stuck, deleted=self.delete_on_kill)
+            try:
+                self.jobs.delete_job(name, namespace)  # False: already gone, which is as good
+                deleted = True
+            except WorkQueueError as e:
+                self.log.error("Could not delete Job %s/%s: %s", namespace, name, e)
+        return stuck_job_error(name, namespace, grace_seconds, stuck, deleted=deleted)
 
     def on_kill(self) -> None:
         """Killed while waiting in the worker: delete the Job (the trigger handles the deferred case)."""

@@ -67,6 +67,7 @@ class JobCompleteTrigger(BaseTrigger):
         self.amqp_conn_id = amqp_conn_id
         self.image_pull_grace_seconds = image_pull_grace_seconds
         self._fired = False
+        self._watch_decided = False
         self._unready_since: float | None = None  # monotonic time since when some active pods aren't ready
         self._progress: str | None = None
 
@@ -91,7 +92,6 @@ class JobCompleteTrigger(BaseTrigger):
 
     def _event(self, status: str, assessment: JobAssessment | None = None, message: str | None = None,
                **extra: Any) -> TriggerEvent:
-        self._fired = True
         return TriggerEvent({
             "status": status,
             "job_name": self.job_name,
@@ -102,25 +102,46 @@ class JobCompleteTrigger(BaseTrigger):
         })
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        waiters = [asyncio.ensure_future(_first(self._watch()))]
+        watch = asyncio.ensure_future(self._watch_verdict())
+        pending: set[asyncio.Future[Any]] = {watch}
         if self.image_pull_grace_seconds is not None:
-            waiters.append(asyncio.ensure_future(self._watch_for_stuck_pods(self.image_pull_grace_seconds)))
-        heartbeat = asyncio.ensure_future(self._heartbeat()) if self.progress_every else None
+            pending.add(asyncio.ensure_future(self._watch_for_stuck_pods(self.image_pull_grace_seconds)))
+        if self.progress_every:
+            pending.add(asyncio.ensure_future(self._heartbeat()))
         try:
-            done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            event = done.pop().result()
+            event = None
+            while event is None:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                # a stuck check that gave up, or found the watch had decided, returns None: wait for the watch
+                event = watch.result() if watch in done else next(filter(None, (t.result() for t in done)), None)
         finally:
-            for task in (*waiters, heartbeat):
-                if task is not None:
-                    task.cancel()
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)  # let the API clients close
+        self._fired = True
         yield event
 
+    async def _watch_verdict(self) -> TriggerEvent:
+        """The watch's event; its generator is closed before this returns, so is its API client."""
+        events = self._watch()
+        try:
+            async for event in events:
+                self._watch_decided = True  # from here on a stuck check defers to this event
+                return event
+            raise RuntimeError("the watch ended without an event")
+        finally:
+            await events.aclose()
+
     async def _heartbeat(self) -> None:
+        """Log progress every ``progress_every`` seconds (progress only: never fails the wait)."""
         started = time.monotonic()
         while True:
             await asyncio.sleep(self.progress_every)
-            self.log.info("Job %s/%s still running after %.0f s: %s%s", self.namespace, self.job_name,
-                          time.monotonic() - started, self._progress or "not seen yet", await self._items_left())
+            try:
+                self.log.info("Job %s/%s still running after %.0f s: %s%s", self.namespace, self.job_name,
+                              time.monotonic() - started, self._progress or "not seen yet", await self._items_left())
+            except Exception as e:
+                self.log.debug("Progress line failed: %r", e)
 
     async def _items_left(self) -> str:
         """", 5,210 items left in queue 'q'", or "" when no queue was given or it can't be read."""
@@ -136,25 +157,37 @@ class JobCompleteTrigger(BaseTrigger):
             return ""
         return f", {depth.messages:,} items left in queue {self.queue_name!r}"
 
-    async def _watch_for_stuck_pods(self, grace_seconds: float) -> TriggerEvent:
-        """The ``stuck`` event, once a pod has waited ``grace_seconds`` on an image that can't be pulled."""
-        async with self._hook().get_conn() as api:
-            core = async_client.CoreV1Api(api)
-            while True:
-                await asyncio.sleep(min(STUCK_CHECK_SECONDS, grace_seconds))
-                if self._unready_since is None or time.monotonic() - self._unready_since < grace_seconds:
-                    continue
-                try:
-                    pods = await core.list_namespaced_pod(self.namespace, label_selector=pods_of(self.job_name))
-                except (ApiException, TimeoutError, OSError, aiohttp.ClientError) as e:  # the watch reports outages
-                    self.log.debug("Could not list the pods of Job %s: %r", self.job_name, e)
-                    continue
-                stuck = stuck_containers([api.sanitize_for_serialization(pod) for pod in pods.items],
-                                         now=time.time(), grace_seconds=grace_seconds)
-                if stuck:
-                    self.log.error("Job %s/%s can't start its pods: %s", self.namespace, self.job_name, "; ".join(stuck))
-                    return self._event("stuck", message=f"Job {self.namespace}/{self.job_name} can't start its pods.",
-                                       grace_seconds=grace_seconds, stuck=stuck)
+    async def _watch_for_stuck_pods(self, grace_seconds: float) -> TriggerEvent | None:
+        """The ``stuck`` event, once a pod has waited ``grace_seconds`` on an image that can't be pulled;
+        None if the check can't be done (the watch alone decides then)."""
+        try:
+            async with self._hook().get_conn() as api:
+                core = async_client.CoreV1Api(api)
+                while True:
+                    await asyncio.sleep(max(1.0, min(STUCK_CHECK_SECONDS, grace_seconds)))
+                    if self._unready_since is None or time.monotonic() - self._unready_since < grace_seconds:
+                        continue
+                    try:
+                        pods = await core.list_namespaced_pod(self.namespace, label_selector=pods_of(self.job_name))
+                    except ApiException as e:
+                        if e.status in (401, 403):
+                            self.log.warning("Can't list the pods of Job %s (%s %s): not checking them for images "
+                                             "that can't be pulled (deploy/rbac.yaml grants it).", self.job_name,
+                                             e.status, e.reason)
+                            return None
+                        continue  # the watch reports outages
+                    except (TimeoutError, OSError, aiohttp.ClientError):
+                        continue
+                    stuck = stuck_containers([api.sanitize_for_serialization(pod) for pod in pods.items],
+                                             now=time.time(), grace_seconds=grace_seconds)
+                    if stuck and not self._watch_decided:
+                        self.log.error("Job %s/%s can't start its pods: %s", self.namespace, self.job_name,
+                                       "; ".join(stuck))
+                        return self._event("stuck", message=f"Job {self.namespace}/{self.job_name} can't start its pods.",
+                                           grace_seconds=grace_seconds, stuck=stuck)
+        except Exception:  # a side check: never fail the wait over it
+            self.log.warning("The check for pods that can't start failed; waiting on the Job alone.", exc_info=True)
+            return None
 
     def _track_readiness(self, status: dict[str, Any]) -> None:
         """Pods are listed only once some active pods have stayed not ready for the grace period, so a
@@ -274,12 +307,3 @@ async def _chain(first: list[dict[str, Any]], rest: Any) -> AsyncIterator[dict[s
         yield item
     async for item in rest:
         yield item
-
-
-async def _first(events: AsyncGenerator[TriggerEvent, None]) -> TriggerEvent:
-    try:
-        async for event in events:
-            return event
-        raise RuntimeError("the watch ended without an event")
-    finally:
-        await events.aclose()  # closes the watch's API client now, not at garbage collection
