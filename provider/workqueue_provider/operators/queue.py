@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator, XComArg
 
+from workqueue_provider.amqp.publisher import DEFAULT_WINDOW
 from workqueue_provider.amqp.queues import FILL_HEADER, QueueSpec, validate_queue_name
 from workqueue_provider.exceptions import ConfigurationError, ItemSourceError
 from workqueue_provider.hooks.amqp import AmqpHook
@@ -118,7 +119,7 @@ class FillQueueOperator(BaseOperator):
     def __init__(self, *, queue_name: str, items: Any = None, items_file: str | None = None,
                  encoding: str = "text", charset: str = "utf-8",
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, on_existing_messages: str = "fail",
-                 allow_empty: bool = False, window: int = 1000, progress_every: float = 10.0,
+                 allow_empty: bool = False, window: int = DEFAULT_WINDOW, progress_every: float = 10.0,
                  amqp_conn_id: str = AmqpHook.default_conn_name, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.queue_name = queue_name
