@@ -37,8 +37,8 @@ def _result(n: int, seconds: float, cpu: float, **extra: Any) -> dict[str, Any]:
     return {"items": n, "seconds": seconds, "rate": n / seconds, "cpu_us_per_msg": cpu / n * 1e6, **extra}
 
 
-def fill_operator(queue_type: str, n: int, window: int = 1000) -> dict[str, Any]:
-    """A: the operator's own execute(), items given as a list (as from an upstream task's XCom).
+def fill_operator(queue_type: str, n: int) -> dict[str, Any]:
+    """A: the operator's own execute() with its defaults, items given as a list (as from an upstream task's XCom).
 
     ``seconds`` is the whole execute (validate, encode + spool, queue check, publish + confirms);
     ``publish_seconds`` is the AmqpHook.publish call alone (SelectConnection, pipelined confirms)."""
@@ -46,8 +46,7 @@ def fill_operator(queue_type: str, n: int, window: int = 1000) -> dict[str, Any]
 
     items = [item(i) for i in range(n)]
     with fresh_queue("A", queue_type) as queue:
-        op = FillQueueOperator(task_id="bench_fill", queue_name=queue, items=items, window=window,
-                               progress_every=3600.0)
+        op = FillQueueOperator(task_id="bench_fill", queue_name=queue, items=items, progress_every=3600.0)
         hook = op.hook
         timed: dict[str, float] = {}
         real_publish = hook.publish

@@ -5,7 +5,7 @@
 
 Throughput (fresh durable queue per measurement, classic and quorum, each queue verified to hold
 exactly N messages, then deleted):
-  A  FillQueueOperator.execute(): items -> spool_items -> AmqpHook.publish, pipelined confirms (window 1000)
+  A  FillQueueOperator.execute(): items -> spool_items -> AmqpHook.publish, pipelined confirms (the operator's default window, 10,000)
   B  pika BlockingChannel basic_publish loop, persistent, unconfirmed (the broker's practical ceiling)
   C  pika BlockingChannel with confirm_delivery(), one wait per message (fewer items, rates compared)
   D  the seed: one ``amqp-publish`` process per item (fewer items, rates compared)
@@ -48,7 +48,7 @@ QUICK = {"A": 20_000, "B": 20_000, "C": 2_000, "D": 300, "rounds": 1, "memory_bi
          "memory_small": 1_000}
 
 NAMES = {
-    "A": "FillQueueOperator.execute (spool + pipelined confirms, window 1000)",
+    "A": "FillQueueOperator.execute (spool + pipelined confirms, window 10,000)",
     "B": "BlockingChannel, no confirms (ceiling)",
     "C": "BlockingChannel, confirm per message",
     "D": "seed: one amqp-publish process per item",
