@@ -1,0 +1,184 @@
+"""The item account: broker-side records that prove every item was processed, or say which were not.
+
+A queue ``Q`` filled by :class:`FillQueueOperator` has a ledger, the classic durable queue
+``Q.receipts`` (:func:`receipts_queue`), holding:
+
+- one *fill* record per fill: how many items were published (``x-workqueue-count``) and the fill id;
+  a new fill of ``Q`` (or a retry of the same fill) resets the ledger first;
+- one *processed* record per item a worker finished: ``workqueue-consume`` publishes it, confirmed,
+  after the worker command exits 0 and *before* acking the item, carrying the item's message id.
+  An item processed twice (a pod killed between the receipt and the ack) leaves two receipts: a
+  duplicate, counted, never a loss.
+
+:func:`read_account` reads the ledger without consuming it and adds it up against the queue and
+its dead-letter queue: ``processed + dead_lettered + left + lost = filled``. Items that vanish
+(dropped by ``x-max-length``, a delivery limit or a TTL without dead-lettering, a reject without a
+dead-letter exchange) show up as ``lost``. Without a fill record (the queue was filled by other
+tools, or the workers run plain ``amqp-consume``) there is no account: callers fall back to
+"the queue is empty" and say so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import pika
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel
+
+from workqueue_provider.amqp.queues import FILL_HEADER, depth
+from workqueue_provider.exceptions import BrokerError, QueueNotFoundError
+
+RECEIPTS_SUFFIX = ".receipts"
+RECORD_HEADER = "x-workqueue-record"  # "fill" or "processed"
+COUNT_HEADER = "x-workqueue-count"  # on a fill record: items published
+FILL_RECORD = "fill"
+PROCESSED_RECORD = "processed"
+_PERSISTENT = pika.DeliveryMode.Persistent
+_READ_PREFETCH = 1000
+
+
+def receipts_queue(queue_name: str) -> str:
+    """The ledger queue of ``queue_name``."""
+    return f"{queue_name}{RECEIPTS_SUFFIX}"
+
+
+def message_id_for(index: int) -> str:
+    """The message id of the fill's ``index``-th item (0-based); with the fill id it names one item."""
+    return str(index)
+
+
+@dataclass(frozen=True)
+class Account:
+    """Where every item of a fill went. ``lost`` is what no record explains."""
+
+    fill_id: str
+    filled: int
+    processed: int  # distinct items with a receipt
+    duplicated: int  # receipts beyond the first for an item: processed more than once
+    dead_lettered: int
+    left: int  # still ready in the queue
+
+    @property
+    def lost(self) -> int:
+        return max(0, self.filled - self.processed - self.dead_lettered - self.left)
+
+    @property
+    def complete(self) -> bool:
+        """Every item processed or dead-lettered: nothing left, nothing lost."""
+        return self.left == 0 and self.lost == 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "lost": self.lost}
+
+    def describe(self) -> str:
+        return (f"{self.filled} filled = {self.processed} processed + {self.dead_lettered} dead-lettered + "
+                f"{self.left} left + {self.lost} lost; {self.duplicated} processed more than once")
+
+
+# -- the fill side ---------------------------------------------------------------------------------
+def declare_receipts(connection: Any, queue_name: str) -> None:
+    """Declare ``Q.receipts`` (classic, durable: receipts are read back, never consumed by workers)."""
+    channel = connection.channel()
+    channel.queue_declare(receipts_queue(queue_name), durable=True, arguments={"x-queue-type": "classic"})
+    channel.close()
+
+
+def reset(connection: Any, queue_name: str) -> int:
+    """Drop every record of earlier fills; returns how many there were."""
+    channel = connection.channel()
+    try:
+        ok = channel.queue_purge(receipts_queue(queue_name))
+    except pika.exceptions.ChannelClosedByBroker as e:
+        raise BrokerError(f"Resetting the receipts of queue {queue_name!r} failed: {e.reply_code} {e.reply_text}") from e
+    channel.close()
+    return int(ok.method.message_count)
+
+
+def record_fill(connection: Any, queue_name: str, fill_id: str, count: int) -> None:
+    """Write the fill record (confirmed): ``count`` items of ``fill_id`` were published to the queue."""
+    channel = connection.channel()
+    channel.confirm_delivery()
+    headers = {RECORD_HEADER: FILL_RECORD, FILL_HEADER: fill_id, COUNT_HEADER: count}
+    try:
+        channel.basic_publish("", receipts_queue(queue_name), b"",
+                              pika.BasicProperties(delivery_mode=_PERSISTENT, headers=headers), mandatory=True)
+    except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as e:
+        raise BrokerError(f"The broker refused the fill record of queue {queue_name!r} ({e!r}): "
+                          f"does {receipts_queue(queue_name)!r} exist?") from e
+    channel.close()
+
+
+# -- the worker side -------------------------------------------------------------------------------
+class NoLedger(Exception):
+    """The queue has no receipts queue: it wasn't filled by FillQueueOperator."""
+
+
+def record_processed(channel: BlockingChannel, queue_name: str, properties: pika.BasicProperties) -> None:
+    """Publish the receipt of one processed item, and wait for its confirm. The channel must be in
+    confirm mode (``channel.confirm_delivery()``). Raises :class:`NoLedger` if ``Q.receipts`` is missing."""
+    headers = properties.headers or {}
+    receipt_headers = {RECORD_HEADER: PROCESSED_RECORD, FILL_HEADER: _text(headers.get(FILL_HEADER))}
+    try:
+        channel.basic_publish("", receipts_queue(queue_name), b"",
+                              pika.BasicProperties(delivery_mode=_PERSISTENT, headers=receipt_headers,
+                                                   message_id=properties.message_id),
+                              mandatory=True)
+    except pika.exceptions.UnroutableError as e:
+        raise NoLedger(receipts_queue(queue_name)) from e
+
+
+# -- verification ----------------------------------------------------------------------------------
+def read_account(connection: Any, queue_name: str, dead_letter_queue: str | None = None) -> Account | None:
+    """Add up the ledger of ``queue_name`` (read without consuming it), or None when there is none."""
+    try:
+        records = _read_all(connection, receipts_queue(queue_name))
+    except QueueNotFoundError:
+        return None
+    fills = [headers for headers, _ in records if headers.get(RECORD_HEADER) == FILL_RECORD]
+    if not fills:
+        return None
+    fill_id = _text(fills[-1].get(FILL_HEADER))
+    seen: set[str | None] = set()
+    receipts = 0
+    for headers, message_id in records:
+        if headers.get(RECORD_HEADER) == PROCESSED_RECORD and _text(headers.get(FILL_HEADER)) == fill_id:
+            receipts += 1
+            seen.add(message_id)
+    left = depth(connection, queue_name).messages
+    dead = depth(connection, dead_letter_queue).messages if dead_letter_queue else 0
+    return Account(fill_id=fill_id or "", filled=int(fills[-1].get(COUNT_HEADER) or 0), processed=len(seen),
+                   duplicated=receipts - len(seen), dead_lettered=dead, left=left)
+
+
+def _read_all(connection: Any, name: str) -> list[tuple[dict[str, Any], str | None]]:
+    """Every message of ``name`` as (headers, message id), left in the queue: read unacked, then the
+    channel closes and the broker puts them all back in order (a classic queue has no delivery limit)."""
+    channel: BlockingChannel = connection.channel()
+    try:
+        ok = channel.queue_declare(name, passive=True)
+    except pika.exceptions.ChannelClosedByBroker as e:
+        if e.reply_code == 404:
+            raise QueueNotFoundError(f"Queue {name!r} does not exist.") from e
+        raise BrokerError(f"Reading queue {name!r} failed: {e.reply_code} {e.reply_text}") from e
+    expected = ok.method.message_count
+    found: list[tuple[dict[str, Any], str | None]] = []
+    try:
+        if expected:
+            channel.basic_qos(prefetch_count=_READ_PREFETCH)
+            for method, properties, _body in channel.consume(name, auto_ack=False, inactivity_timeout=5):
+                if method is None:
+                    raise BrokerError(f"Reading the receipts in {name!r} stalled after {len(found)} of {expected}.")
+                found.append((dict(properties.headers or {}), properties.message_id))
+                if len(found) >= expected:
+                    break
+    finally:
+        with contextlib.suppress(Exception):
+            channel.close()  # unacked messages go back to the queue
+    return found
+
+
+def _text(value: Any) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
