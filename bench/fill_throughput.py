@@ -1,7 +1,8 @@
 """Fill throughput: the four ways of filling a queue, each into a fresh durable queue, each verified.
 
 A  FillQueueOperator.execute(): items -> spool_items -> AmqpHook.publish (pipelined confirms).
-B  pika BlockingChannel basic_publish loop, persistent, no confirms (the broker's practical ceiling).
+B  pika BlockingChannel basic_publish loop, persistent, no confirms: bound by pika's BlockingChannel on the
+   client, so a client-side reference, not the broker's ceiling (PerfTest measures that).
 C  pika BlockingChannel with confirm_delivery(): one wait per message.
 D  the seed: one ``amqp-publish`` process per item.
 

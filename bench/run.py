@@ -6,7 +6,9 @@
 Throughput (fresh durable queue per measurement, classic and quorum, each queue verified to hold
 exactly N messages, then deleted):
   A  FillQueueOperator.execute(): items -> spool_items -> AmqpHook.publish, pipelined confirms (the operator's default window, 10,000)
-  B  pika BlockingChannel basic_publish loop, persistent, unconfirmed (the broker's practical ceiling)
+  B  pika BlockingChannel basic_publish loop, persistent, unconfirmed: a client-bound reference, NOT the
+     broker's ceiling (pika's BlockingChannel on the client limits it; A beats it). Comparing with the
+     broker's real ceiling (RabbitMQ's PerfTest) is a separate measurement.
   C  pika BlockingChannel with confirm_delivery(), one wait per message (fewer items, rates compared)
   D  the seed: one ``amqp-publish`` process per item (fewer items, rates compared)
 Measurements alternate (rounds interleave queue types, and the order flips each round); rates are
@@ -49,13 +51,13 @@ QUICK = {"A": 20_000, "B": 20_000, "C": 2_000, "D": 300, "rounds": 1, "memory_bi
 
 NAMES = {
     "A": "FillQueueOperator.execute (spool + pipelined confirms, window 10,000)",
-    "B": "BlockingChannel, no confirms (ceiling)",
+    "B": "pika BlockingChannel loop, unconfirmed (client-bound, not a ceiling)",
     "C": "BlockingChannel, confirm per message",
     "D": "seed: one amqp-publish process per item",
 }
 # (label, numerator, denominator, minimum ratio, source of the target)
 TARGETS = [
-    ("A >= 0.8x B", "A", "B", 0.8, "issue 5 target 1"),
+    ("A >= 0.8x B", "A", "B", 0.8, "issue 5 target 1, against B (a client-bound pika loop, not the broker's ceiling)"),
     ("A >= 10x C", "A", "C", 10.0, "issue 2, issue 5 target 1"),
     ("A >= 50x D", "A", "D", 50.0, "issue 2"),
     ("A >= 100x D", "A", "D", 100.0, "issue 5 target 1"),
@@ -190,7 +192,11 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "Ratios use A's whole execute() (in brackets, its publish part alone), each round's A against "
                   "the same round's B, C or D, median over rounds. Publisher CPU is user + sys time of the "
                   "publishing process (for D, of the amqp-publish processes), which load on the machine barely moves; "
-                  "the broker's CPU is not in it.", ""]
+                  "the broker's CPU is not in it.", "",
+                  "B is not the broker's ceiling: it is a pika BlockingChannel loop, bound by the client (A, "
+                  "pipelined, beats it), and its unconfirmed figure was never checked against RabbitMQ's own "
+                  "load tool (PerfTest). \"A >= 0.8x B\" shows A is not slower than a plain pika loop, nothing "
+                  "about the broker's limit.", ""]
     if "memory" in report:
         mem = report["memory"]
         small, big = plan["memory_small"], plan["memory_big"]
@@ -206,6 +212,17 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("")
     lines += ["## Raw results", "", "```json", json.dumps(report, indent=1), "```", ""]
     return "\n".join(lines)
+
+
+def missed_targets(report: dict[str, Any]) -> list[str]:
+    """Every target missed: a throughput ratio (A's whole execute, as printed) or the memory growth."""
+    missed = []
+    for queue_type, t in report.get("throughput", {}).items():
+        missed += [f"{c['target']} ({queue_type}: {c['ratio']:.2f}x)" for c in t["checks"]
+                   if c["A"] == "execute" and not c["met"]]
+    missed += [f"memory growth ({source}: {r['growth_mb']:+.1f} MB > {r['limit_mb']:.0f} MB)"
+               for source, r in report.get("memory", {}).items() if not r["met"]]
+    return missed
 
 
 def print_summary(report: dict[str, Any]) -> None:
@@ -236,7 +253,7 @@ def print_summary(report: dict[str, Any]) -> None:
                   f"{r['growth_mb']:+6.1f} MB  {'MET' if r['met'] else 'MISSED'}")
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small counts and one round: a smoke run")
     parser.add_argument("--rounds", type=int, help="alternated rounds of the throughput measurements")
@@ -282,7 +299,12 @@ def main() -> None:
     out.write_text(markdown(report))
     out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     print(f"\nWrote {out.relative_to(REPO) if out.is_relative_to(REPO) else out} and its .json twin.")
+    missed = missed_targets(report)
+    if missed:
+        print(f"bench/run.py: {len(missed)} target(s) MISSED: {'; '.join(missed)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
