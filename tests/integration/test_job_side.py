@@ -134,12 +134,55 @@ def test_the_trigger_watches_until_complete_and_the_sensor_verifies(amqp_conn, k
     assert sensor.poke(task_context()).xcom_value["job_name"] == launched["job_name"]
 
 
-def test_the_trigger_serializes_to_its_constructor_arguments():
-    trigger = JobCompleteTrigger(job_name="j", namespace="n", kubernetes_conn_id="k", deadline=1.5, delete_on_kill=False,
-                                 progress_every=5, queue_name="q", amqp_conn_id="a", image_pull_grace_seconds=7.5)
-    path, kwargs = trigger.serialize()
-    assert path == "workqueue_provider.triggers.job.JobCompleteTrigger"
-    assert JobCompleteTrigger(**kwargs).serialize() == (path, kwargs)
+def every_trigger() -> list[type]:
+    """Every BaseTrigger subclass the provider defines (so a new trigger can't be left out below)."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    from airflow.triggers.base import BaseTrigger
+
+    import workqueue_provider.triggers as package
+
+    found = set()
+    for info in pkgutil.iter_modules(package.__path__, f"{package.__name__}."):
+        for _name, cls in inspect.getmembers(importlib.import_module(info.name), inspect.isclass):
+            if issubclass(cls, BaseTrigger) and cls.__module__ == info.name:
+                found.add(cls)
+    return sorted(found, key=lambda cls: cls.__qualname__)
+
+
+# Per trigger: constructor arguments that all differ from the defaults (so a dropped key, which the
+# restored trigger would fill with its default, is caught), and a second set with other values.
+TRIGGER_ARGUMENTS = {
+    JobCompleteTrigger: [
+        {"job_name": "j", "namespace": "n", "kubernetes_conn_id": "k", "deadline": 1.5, "delete_on_kill": False,
+         "progress_every": 5, "queue_name": "q", "amqp_conn_id": "a", "image_pull_grace_seconds": 7.5},
+        {"job_name": "j2", "namespace": "n2", "kubernetes_conn_id": "k2", "deadline": None, "delete_on_kill": True,
+         "progress_every": 0, "queue_name": None, "amqp_conn_id": None, "image_pull_grace_seconds": None},
+    ],
+}
+
+
+def test_every_trigger_has_its_serialization_checked():
+    assert every_trigger() == sorted(TRIGGER_ARGUMENTS, key=lambda cls: cls.__qualname__)
+
+
+@pytest.mark.parametrize(("trigger_class", "arguments"),
+                         [(cls, args) for cls, sets in TRIGGER_ARGUMENTS.items() for args in sets])
+def test_the_trigger_serializes_to_its_constructor_arguments(trigger_class, arguments):
+    """serialize() must give back exactly the literal constructor arguments: a key left out would come back
+    as its default after a triggerer restart (delete_on_kill=False silently becoming True)."""
+    import inspect
+
+    parameters = [name for name in inspect.signature(trigger_class).parameters]
+    assert sorted(arguments) == sorted(parameters), "the test's arguments must cover every constructor parameter"
+    path, kwargs = trigger_class(**arguments).serialize()
+    assert path == f"{trigger_class.__module__}.{trigger_class.__qualname__}"
+    assert kwargs == arguments
+    restored = trigger_class(**kwargs)
+    assert {name: getattr(restored, name) for name in arguments} == arguments
+    assert restored.serialize() == (path, arguments)
 
 
 def test_the_trigger_times_out(amqp_conn, kube_conn, cluster, namespace, queue_name):
