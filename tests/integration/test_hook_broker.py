@@ -5,8 +5,10 @@ import subprocess
 import time
 import uuid
 
+import psutil
 import pytest
 
+from workqueue_provider.amqp.connection import BrokerSettings, open_connection
 from workqueue_provider.amqp.queues import QueueSpec
 from workqueue_provider.exceptions import BrokerAuthError, BrokerUnreachableError, QueueNotFoundError
 from workqueue_provider.hooks.amqp import AmqpHook, AmqpsHook
@@ -26,29 +28,50 @@ def test_test_connection_against_the_live_broker(amqp_conn):
     assert message.startswith("Connected to RabbitMQ 3.") and "127.0.0.1:5672" in message
 
 
-def test_test_connection_against_a_closed_port_returns_quickly(monkeypatch):
+def test_test_connection_against_a_closed_port_fails_within_its_attempts_and_timeouts(monkeypatch):
     port = closed_port()
-    monkeypatch.setenv("AIRFLOW_CONN_DOWN", f"amqp://guest:guest@127.0.0.1:{port}/?connection_attempts=2&retry_delay=0.2")
+    monkeypatch.setenv("AIRFLOW_CONN_DOWN", f"amqp://guest:guest@127.0.0.1:{port}/"
+                                            "?connection_attempts=2&retry_delay=0.2&socket_timeout=1&stack_timeout=2")
+    hook = AmqpHook(amqp_conn_id="down")
+    settings = hook.settings
+    assert (settings.connection_attempts, settings.retry_delay, settings.socket_timeout, settings.stack_timeout) \
+        == (2, 0.2, 1.0, 2.0)
+    # each attempt is bounded by its stack timeout, and the delays come between attempts; plus 3 s of slack for a
+    # loaded machine (anything near the old 30 s bound would be a hang, not the configured timeouts)
+    bound = settings.connection_attempts * settings.stack_timeout + (settings.connection_attempts - 1) * settings.retry_delay
     started = time.monotonic()
-    ok, message = AmqpHook(amqp_conn_id="down").test_connection()
+    ok, message = hook.test_connection()
+    elapsed = time.monotonic() - started
     assert not ok
     assert f"127.0.0.1:{port}" in message and "did not answer" in message and "2 attempt(s)" in message
-    assert time.monotonic() - started < 30  # bounded by the connection timeouts, not a hang
+    assert elapsed < bound + 3, f"took {elapsed:.1f} s; 2 attempts with these timeouts take at most {bound:.1f} s"
 
 
 @pytest.mark.parametrize(
-    "uri",
+    ("uri", "options"),
     [
-        pytest.param("amqp://guest:guest@127.0.0.1:5672/", id="slash-vhost-empty-path"),
-        pytest.param("amqp://guest:guest@127.0.0.1:5672/%2F", id="encoded-slash-vhost"),
-        pytest.param("amqp://guest:guest@127.0.0.1/%2F?heartbeat=10&blocked_connection_timeout=5", id="default-port-options"),
+        pytest.param("amqp://guest:guest@127.0.0.1:5672/", {}, id="slash-vhost-empty-path"),
+        pytest.param("amqp://guest:guest@127.0.0.1:5672/%2F", {}, id="encoded-slash-vhost"),
+        pytest.param("amqp://guest:guest@127.0.0.1/%2F?heartbeat=10&blocked_connection_timeout=5",
+                     {"heartbeat": 10, "blocked_connection_timeout": 5.0}, id="default-port-options"),
     ],
 )
-def test_connection_uri_forms_from_environment(broker_url, monkeypatch, uri):
+def test_connection_uri_forms_from_environment(broker_url, monkeypatch, uri, options):
     monkeypatch.setenv("AIRFLOW_CONN_FORMS", uri)
     hook = AmqpHook(amqp_conn_id="forms")
-    assert hook.settings.vhost == "/"
+    settings = hook.settings
+    assert settings.vhost == "/" and settings.effective_port == 5672
+    expected = {"heartbeat": 60, "blocked_connection_timeout": 60.0, **options}  # the defaults unless the URI says
+    assert {name: getattr(settings, name) for name in expected} == expected
+    parameters = settings.pika_parameters()
+    assert {name: getattr(parameters, name) for name in expected} == expected
     assert hook.test_connection()[0]
+    # and the broker agreed to the heartbeat the URI asked for (the connection's negotiated value)
+    connection = open_connection(settings)
+    try:
+        assert connection._impl.params.heartbeat == expected["heartbeat"]
+    finally:
+        connection.close()
 
 
 def test_amqps_uri_turns_tls_on(monkeypatch):
@@ -92,16 +115,38 @@ def test_depth_purge_and_delete(amqp_conn, queue_name):
     assert hook.delete_queue(queue_name) is None
 
 
+def broker_connections_of_this_process() -> set[int]:
+    """This process's connections as the broker lists them: the broker's peer ports that are local ports of
+    this process's sockets to it. Other clients of the shared broker neither add to nor hide from it."""
+    listed = subprocess.run(["rabbitmqctl", "-q", "list_connections", "peer_host", "peer_port"], capture_output=True,
+                            text=True, check=True, timeout=60).stdout
+    at_broker = {int(fields[1]) for fields in (line.split() for line in listed.splitlines())
+                 if len(fields) == 2 and fields[1].isdigit() and fields[0] in ("127.0.0.1", "::1", "::ffff:127.0.0.1")}
+    ours = {c.laddr.port for c in psutil.Process().net_connections(kind="tcp") if c.raddr and c.raddr.port == 5672}
+    return at_broker & ours
+
+
+def wait_for_connections(expected: set[int], timeout: float = 10.0) -> set[int]:
+    deadline = time.monotonic() + timeout
+    while (found := broker_connections_of_this_process()) != expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return found
+
+
 def test_hook_closes_every_connection(amqp_conn, queue_name):
-    def open_connections() -> int:
-        out = subprocess.run(["rabbitmqctl", "-q", "list_connections", "name"], capture_output=True, text=True, check=True)
-        return len([line for line in out.stdout.splitlines() if line.strip() and not line.startswith("name")])
+    before = broker_connections_of_this_process()
+    # the count sees a connection this process opens (so it can't be blind to a leak)
+    probe = open_connection(BrokerSettings.from_url("amqp://guest:guest@127.0.0.1:5672/"))
+    try:
+        assert len(wait_for_connections(before | {probe._impl._transport._sock.getsockname()[1]}) - before) == 1
+    finally:
+        probe.close()
+    assert wait_for_connections(before) == before
 
     hook = AmqpHook(amqp_conn_id=amqp_conn)
-    before = open_connections()
     hook.declare_queue(QueueSpec(queue_name))
     hook.publish(queue_name, [str(uuid.uuid4()).encode() for _ in range(100)], total=100)
     hook.queue_depth(queue_name)
     hook.test_connection()
-    time.sleep(0.5)
-    assert open_connections() == before
+    left = wait_for_connections(before)
+    assert left == before, f"connections left open by the hook (local ports): {sorted(left - before)}"
