@@ -100,14 +100,19 @@ def test_missing_queue_fails_clearly(broker_url, queue_name):
     assert "404" in result.stderr and queue_name in result.stderr
 
 
-def test_sigterm_while_working_puts_the_item_back(amqp_conn, broker_url, queue_name):
+def test_sigterm_while_working_puts_the_item_back(amqp_conn, broker_url, queue_name, tmp_path):
     prepare(queue_name, ["slow"])
-    process = subprocess.Popen([CONSUME, "sh", "-c", "cat >/dev/null; sleep 30"],
-                               env={**os.environ, "BROKER_URL": broker_url, "QUEUE": queue_name},
+    started = tmp_path / "worker-started"  # the worker command writes the item it got here, then works
+    process = subprocess.Popen([CONSUME, "sh", "-c", 'cat > "$MARKER.tmp" && mv "$MARKER.tmp" "$MARKER"; exec sleep 30'],
+                               env={**os.environ, "BROKER_URL": broker_url, "QUEUE": queue_name,
+                                    "MARKER": str(started)},
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
-    while AmqpHook().queue_depth(queue_name).messages and time.monotonic() < deadline:
+    while not started.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
+    assert started.exists(), f"the worker command never started (consume exit {process.poll()})"
+    assert started.read_text() == "slow"
+    assert depth(queue_name) == 0, "the item is taken while the worker works"
     process.send_signal(signal.SIGTERM)
     _out, err = process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGTERM
