@@ -1,11 +1,10 @@
 """DeclareQueueOperator and FillQueueOperator on the real broker."""
 
-import subprocess
-
 import pika
 import pytest
 
 from tests.conftest import task_context
+from tests.reliability.private_broker import PrivateBroker, PrivateBrokerError
 from workqueue_provider.exceptions import (
     ConfigurationError,
     ItemSourceError,
@@ -84,7 +83,22 @@ def test_every_item_source(amqp_conn, broker_url, queue_name, tmp_path, source):
     assert drain(broker_url, queue_name) == expected
 
 
-def test_fill_retry_after_half_failure_leaves_exactly_one_message_per_item(amqp_conn, broker_url, queue_name, monkeypatch):
+@pytest.fixture(scope="module")
+def own_broker():
+    """A private RabbitMQ node: closing all its connections cuts no other client of the shared broker."""
+    broker = PrivateBroker()
+    try:
+        broker.start()
+    except PrivateBrokerError as e:
+        broker.stop()
+        pytest.fail(f"the private RabbitMQ node could not start: {e}")
+    yield broker
+    broker.stop()
+
+
+def test_fill_retry_after_half_failure_leaves_exactly_one_message_per_item(own_broker, queue_name, monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_AMQP_DEFAULT", own_broker.url)
+    broker_url = own_broker.url
     DeclareQueueOperator(task_id="d", queue_name=queue_name).execute(task_context())
     items = [f"item-{i}" for i in range(20_000)]
     original = Spool.bodies
@@ -92,7 +106,8 @@ def test_fill_retry_after_half_failure_leaves_exactly_one_message_per_item(amqp_
     def cut_half_way(self):
         for index, body in enumerate(original(self)):
             if index == len(items) // 2:  # the broker drops our connection half-way through the fill
-                subprocess.run(["rabbitmqctl", "-q", "close_all_connections", "test: fault injection"], check=True)
+                closed = own_broker.ctl("-q", "close_all_connections", "test: fault injection")
+                assert closed.returncode == 0, closed.stderr
             yield body
 
     monkeypatch.setattr(Spool, "bodies", cut_half_way)
