@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 from workqueue_provider.amqp.connection import BrokerSettings
 from workqueue_provider.exceptions import ConfigurationError
-from workqueue_provider.worker.consume import ConsumeOptions, consume
+from workqueue_provider.worker.consume import DEFAULT_OUTAGE_WINDOW, EXIT_BROKER, ConsumeOptions, consume
 
 EXIT_USAGE = 2
 
@@ -33,10 +33,24 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                         default=env.get("WORKQUEUE_DEAD_LETTER", "").lower() in ("1", "true", "yes"),
                         help="reject failed items without requeue, so the queue dead-letters them "
                         "(env WORKQUEUE_DEAD_LETTER)")
+    parser.add_argument("--outage-window", type=float,
+                        default=_float_env(env, "WORKQUEUE_OUTAGE_WINDOW", DEFAULT_OUTAGE_WINDOW),
+                        help="seconds to keep reconnecting while the broker is unreachable before exiting "
+                        f"{EXIT_BROKER} (env WORKQUEUE_OUTAGE_WINDOW; default {DEFAULT_OUTAGE_WINDOW:g})")
     parser.add_argument("--ca-file", default=env.get("BROKER_CA_FILE"),
                         help="CA bundle for amqps:// (env BROKER_CA_FILE)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="worker command and its arguments")
     return parser
+
+
+def _float_env(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name}={raw!r} is not a number of seconds.") from None
 
 
 def parse_options(argv: Sequence[str], env: Mapping[str, str]) -> tuple[BrokerSettings, ConsumeOptions]:
@@ -58,7 +72,7 @@ def parse_options(argv: Sequence[str], env: Mapping[str, str]) -> tuple[BrokerSe
     overrides = {"ca_file": args.ca_file} if args.ca_file else {}
     settings = BrokerSettings.from_url(args.url, **overrides)
     return settings, ConsumeOptions(queue=args.queue or "", command=command, max_items=max_items,
-                                    dead_letter=args.dead_letter)
+                                    dead_letter=args.dead_letter, outage_window=args.outage_window)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
