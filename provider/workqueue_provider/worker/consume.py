@@ -157,6 +157,14 @@ class _Session:
         self.channel = self.connection.channel()
         self.channel.basic_qos(prefetch_count=1)
         self.channel.confirm_delivery()  # receipts are confirmed before the item is acked
+        if self.ledger and not after_loss:
+            try:
+                receipts.record_consumer(self.channel, self.options.queue)
+            except receipts.NoLedger:
+                self.ledger = False
+                log.warning("Queue %r has no receipts queue %r (it wasn't filled by FillQueueOperator): items are "
+                            "acked without receipts, and the run can only check that the queue is empty.",
+                            self.options.queue, receipts.receipts_queue(self.options.queue))
 
     def close(self) -> None:
         if self.connection is not None:
@@ -274,11 +282,9 @@ def _take_one(session: _Session, options: ConsumeOptions, signals: _Signals) -> 
             if session.ledger:
                 try:
                     receipts.record_processed(channel, options.queue, properties)
-                except receipts.NoLedger:
+                except receipts.NoLedger:  # deleted while we worked
                     session.ledger = False
-                    log.warning("Queue %r has no receipts queue %r (it wasn't filled by FillQueueOperator): items "
-                                "are acked without receipts, and the run can only check that the queue is empty.",
-                                options.queue, receipts.receipts_queue(options.queue))
+                    log.warning("The receipts queue of %r is gone: acking without receipts.", options.queue)
             channel.basic_ack(method.delivery_tag)
         except Exception as e:
             if session.lost(e):
