@@ -5,18 +5,38 @@ export WORKQUEUE_CACHE ?= $(HOME)/.cache/workqueue
 VENV = $(shell scripts/ensure-venv.sh)
 PYTEST_ARGS ?=
 
-.PHONY: venv broker test test-compat test-unit demo cluster bench lint
+.PHONY: venv broker test test-rabbitmq4 test-compat test-unit demo cluster bench lint
 
 venv:
 	@scripts/ensure-venv.sh
 
+## make broker: RabbitMQ 3.10 (the host's, 127.0.0.1:5672) and 4.0 (a trixie rootfs, 127.0.0.1:5673).
 broker:
 	@scripts/ensure-rabbitmq.sh
+	@scripts/ensure-rabbitmq4.sh
 
-## make test: every test (unit, real broker, real control plane). Services that can't start fail the run.
+## make test: every test (unit, real broker, real control plane), then the broker-side tests again
+## against RabbitMQ 4.0, then the compat run. Services that can't start fail the run.
+## Every pass runs; the target fails if any of them failed.
 test: broker
-	@venv="$(VENV)"; CI=true "$$venv/bin/python" -m pytest $(PYTEST_ARGS)
-	@scripts/test-compat.sh
+	@venv="$(VENV)"; status=0; \
+	CI=true "$$venv/bin/python" -m pytest $(PYTEST_ARGS) || status=1; \
+	$(MAKE) --no-print-directory test-rabbitmq4 || status=1; \
+	scripts/test-compat.sh || status=1; \
+	exit $$status
+
+## make test-rabbitmq4: the broker-side integration and reliability tests against RabbitMQ 4.0
+## (not those that need the local control plane): shared broker 127.0.0.1:5673, private nodes and
+## `rabbitmqctl` from the trixie rootfs. See docs/rabbitmq-versions.md.
+RABBITMQ4_TESTS ?= tests/integration tests/reliability
+RABBITMQ4_PYTEST_ARGS ?=
+test-rabbitmq4:
+	@scripts/ensure-rabbitmq4.sh
+	@venv="$(VENV)"; echo "== the broker-side tests against RabbitMQ 4.0 (127.0.0.1:5673) =="; \
+	CI=true WORKQUEUE_TEST_BROKER_URL=amqp://guest:guest@127.0.0.1:5673/ \
+	WORKQUEUE_TEST_RABBITMQ_ROOT="$$(scripts/ensure-rabbitmq4.sh --root)" \
+	PATH="$$(scripts/ensure-rabbitmq4.sh --bin):$$PATH" \
+	"$$venv/bin/python" -m pytest -p no:cacheprovider -m "not cluster" $(RABBITMQ4_TESTS) $(RABBITMQ4_PYTEST_ARGS)
 
 ## make test-compat: the provider's tests again at the oldest supported Airflow (3.1.x).
 test-compat: broker

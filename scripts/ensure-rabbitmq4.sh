@@ -8,6 +8,8 @@
 #
 #   scripts/ensure-rabbitmq4.sh          build the rootfs if needed, start the node if nothing answers
 #   scripts/ensure-rabbitmq4.sh --root   build the rootfs if needed and print its path (no node)
+#   scripts/ensure-rabbitmq4.sh --bin    ... and print a dir whose `rabbitmqctl` manages the node
+#   scripts/ensure-rabbitmq4.sh ctl ARGS rabbitmqctl ARGS against the node (the 4.0 CLI)
 #   scripts/ensure-rabbitmq4.sh stop     stop the node
 #
 # The node: rabbit4@localhost, AMQP on 127.0.0.1:5673, Erlang distribution on 25673, its own epmd
@@ -90,13 +92,28 @@ build_rootfs() {
   say "rootfs ready in $((SECONDS - start)) s: $(chroot "$root" dpkg-query -W -f '${Package} ${Version}' rabbitmq-server)"
 }
 
+if [ "${1:-}" = ctl ] && [ -x "$root/usr/lib/rabbitmq/bin/rabbitmqctl" ]; then
+  shift; ctl 600 "$@"; exit   # no lock: the shim below calls this while a test runs
+fi
+
 exec 9>"$cache/rabbitmq4.lock"
 flock 9   # one build / start at a time (make broker and a test fixture may race)
 [ -x "$root/usr/lib/rabbitmq/bin/rabbitmq-server" ] || build_rootfs
 
+# A `rabbitmqctl` for this node, to put first on PATH in the test pass against RabbitMQ 4
+# (tests that call `rabbitmqctl` then reach the broker they test, with the 4.0 CLI).
+bin="$cache/rabbitmq4-bin"
+mkdir -p "$bin"
+printf '#!/bin/sh
+exec %q ctl "$@"
+' "$(cd "$(dirname "$0")" && pwd)/$(basename "$0")" >"$bin/rabbitmqctl.tmp"
+chmod 755 "$bin/rabbitmqctl.tmp" && mv -f "$bin/rabbitmqctl.tmp" "$bin/rabbitmqctl"
+
 case "${1:-}" in
   --root) echo "$root"; exit 0 ;;
+  --bin) echo "$bin"; exit 0 ;;
   stop) ctl 60 stop >/dev/null 2>&1 && say "stopped $node" || say "$node was not running"; exit 0 ;;
+  ctl) shift; ctl 600 "$@"; exit ;;
   "") ;;
   *) say "unknown argument: $1"; exit 2 ;;
 esac

@@ -32,10 +32,13 @@ def broker_url() -> str:
     from workqueue_provider.exceptions import BrokerError
 
     settings = BrokerSettings.from_url(BROKER_URL)
+    # 127.0.0.1:5673 is RabbitMQ 4.0 from the trixie rootfs (scripts/ensure-rabbitmq4.sh), anything else the host's.
+    script = "ensure-rabbitmq4.sh" if settings.effective_port == int(os.environ.get("RABBITMQ4_PORT", "5673")) \
+        else "ensure-rabbitmq.sh"
     try:
         open_connection(settings).close()
     except BrokerError:
-        result = subprocess.run([str(REPO / "scripts/ensure-rabbitmq.sh")], capture_output=True, text=True)
+        result = subprocess.run([str(REPO / "scripts" / script)], capture_output=True, text=True)
         if result.returncode != 0:
             pytest.fail(f"RabbitMQ could not be started for the tests:\n{result.stderr}")
         open_connection(settings).close()

@@ -3,6 +3,12 @@
 The shared broker on 127.0.0.1:5672 is never restarted or reconfigured: tests that need a broker
 restart, a short ``consumer_timeout`` or a TLS listener start their own node here, with its own
 node name, ports, data dir, logs, config and Erlang cookie (all under a temp dir).
+
+With ``WORKQUEUE_TEST_RABBITMQ_ROOT`` set to a root filesystem (the Debian trixie one that
+scripts/ensure-rabbitmq4.sh builds, printed by its ``--root``), the node is that rootfs's
+rabbitmq-server (RabbitMQ 4.0): run with ``chroot`` in a private mount namespace where the host's
+/tmp is bind-mounted on the rootfs's /tmp, so every path (temp dir, TLS files) is the same inside
+and out. Its epmd is the 4.0 nodes' own (``RABBITMQ4_EPMD_PORT``, 4370), not the host's 4369.
 """
 
 from __future__ import annotations
@@ -18,8 +24,22 @@ from pathlib import Path
 
 from tests.cluster.local_cluster import free_port
 
-RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
+RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")  # the host's, and the rootfs's (as seen inside it)
 STARTUP_TIMEOUT = 120
+ROOTFS = os.environ.get("WORKQUEUE_TEST_RABBITMQ_ROOT", "")
+# $1 = rootfs; the rest is the command to run inside it. Mounts live only in the new namespace.
+IN_ROOT = ('dir=$1; shift; mount -t proc proc "$dir/proc" && mount -t sysfs sysfs "$dir/sys" && '
+           'mount --rbind /dev "$dir/dev" && mount --bind /tmp "$dir/tmp" || exit 125; exec chroot "$dir" "$@"')
+
+
+def command(*argv: str) -> list[str]:
+    """``argv`` run on the host, or inside the rootfs when WORKQUEUE_TEST_RABBITMQ_ROOT is set."""
+    if not ROOTFS:
+        return list(argv)
+    if not (Path(ROOTFS) / str(RABBITMQ_BIN / "rabbitmq-server").lstrip("/")).exists():
+        raise PrivateBrokerError(f"WORKQUEUE_TEST_RABBITMQ_ROOT={ROOTFS} has no rabbitmq-server: "
+                                 "run scripts/ensure-rabbitmq4.sh")
+    return ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", IN_ROOT, "sh", ROOTFS, *argv]
 
 
 class PrivateBrokerError(RuntimeError):
@@ -34,7 +54,7 @@ class PrivateBroker:
     """
 
     def __init__(self, *, config: list[str] | None = None, advanced: str | None = None, tls_port: bool = False):
-        self.base = Path(tempfile.mkdtemp(prefix="workqueue-rabbit-"))
+        self.base = Path(tempfile.mkdtemp(prefix="workqueue-rabbit-", dir="/tmp" if ROOTFS else None))
         self.port = free_port()
         self.dist_port = free_port()
         self.tls_port = free_port() if tls_port else None
@@ -70,6 +90,9 @@ class PrivateBroker:
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.base / "enabled_plugins"),
             "RABBITMQ_PID_FILE": str(self.base / "rabbitmq.pid"),
         })
+        if ROOTFS:
+            env["PATH"] = "/usr/sbin:/usr/bin:/sbin:/bin"
+            env["ERL_EPMD_PORT"] = os.environ.get("RABBITMQ4_EPMD_PORT", "4370")
         return env
 
     def start(self) -> PrivateBroker:
@@ -88,7 +111,7 @@ class PrivateBroker:
     def _spawn(self) -> None:
         out = open(self.base / "log" / "stdout.log", "ab")
         try:
-            self.process = subprocess.Popen([str(RABBITMQ_BIN / "rabbitmq-server")], env=self.env(), stdout=out,
+            self.process = subprocess.Popen(command(str(RABBITMQ_BIN / "rabbitmq-server")), env=self.env(), stdout=out,
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                             start_new_session=True)
         finally:
@@ -96,7 +119,7 @@ class PrivateBroker:
         self.wait_until_running()
 
     def ctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run([str(RABBITMQ_BIN / "rabbitmqctl"), "-n", self.node, *args], env=self.env(),
+        return subprocess.run(command(str(RABBITMQ_BIN / "rabbitmqctl"), "-n", self.node, *args), env=self.env(),
                               capture_output=True, text=True, timeout=timeout)
 
     def wait_until_running(self) -> None:
