@@ -10,4 +10,9 @@ except ImportError:  # Airflow 3.1
         AirflowSkipException,
     )
 
-__all__ = ["AirflowNotFoundException", "AirflowSkipException"]
+try:  # Airflow >= 3.2
+    from airflow.sdk.log import mask_secret
+except ImportError:  # Airflow 3.1
+    from airflow.sdk.execution_time.secrets_masker import mask_secret  # type: ignore[no-redef]
+
+__all__ = ["AirflowNotFoundException", "AirflowSkipException", "mask_secret"]

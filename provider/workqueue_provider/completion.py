@@ -54,12 +54,14 @@ def conclude(job: dict[str, Any], jobs: JobsHook, verification: Verification, lo
     return summary
 
 
-def stuck_error(name: str, namespace: str, jobs: JobsHook, grace_seconds: float | None) -> JobError | None:
+def stuck_error(name: str, namespace: str, jobs: JobsHook, grace_seconds: float | None,
+                first_seen: dict[str, float] | None = None) -> JobError | None:
     """The error to raise when the Job's pods have waited longer than ``grace_seconds`` on an image that
-    can't be pulled (or a config that can't be created), else None: such a Job never finishes by itself."""
+    can't be pulled (or a config that can't be created), else None: such a Job never finishes by itself.
+    ``first_seen``: the caller's state across checks (see :func:`stuck_containers`)."""
     if grace_seconds is None:
         return None
-    stuck = jobs.stuck_containers(name, namespace, grace_seconds)
+    stuck = jobs.stuck_containers(name, namespace, grace_seconds, first_seen)
     return stuck_job_error(name, namespace, grace_seconds, stuck) if stuck else None
 
 
@@ -77,25 +79,59 @@ def stuck_job_error(name: str, namespace: str, grace_seconds: float, stuck: list
 
 
 def finish_from_event(event: dict[str, Any], jobs: JobsHook, verification: Verification, log: Log) -> dict[str, Any]:
-    """Turn a JobCompleteTrigger event into the summary (or the error), reading the Job's final state."""
+    """Turn a JobCompleteTrigger event into the summary (or the error). The verdict comes from the Job the
+    trigger saw finish (``event["job"]``), not from a second read: with a short ``ttl_seconds_after_finished``
+    the Job may be gone by now."""
     if event["status"] in ("timeout", "error"):
         raise JobError(event["message"])
     if event["status"] == "stuck":
         raise stuck_job_error(event["job_name"], event["namespace"], event["grace_seconds"], event["stuck"])
-    job = jobs.get_job(event["job_name"], event["namespace"])
+    job = event.get("job") or jobs.get_job(event["job_name"], event["namespace"])
     if job is None:
         raise JobError(f"Job {event['namespace']}/{event['job_name']} vanished before its result could be read.")
     return conclude(job, jobs, verification, log)
 
 
 def _verify_queue(job_name: str, verification: Verification, log: Log) -> dict[str, Any]:
-    amqp = AmqpHook(amqp_conn_id=verification.amqp_conn_id)
+    """The item account (amqp/receipts.py) when the workers keep receipts; else "the queue is empty"."""
     queue = verification.queue_name
     assert queue is not None
+    amqp = AmqpHook(amqp_conn_id=verification.amqp_conn_id)
     try:
-        left = amqp.queue_depth(queue).messages
+        account = amqp.item_account(queue, verification.dead_letter_queue)
     except QueueNotFoundError as e:
         raise JobError(f"Job {job_name} completed, but its queue {queue!r} is gone, so the work can't be verified.") from e
+    if account is None or not account.kept:
+        return _verify_depth(job_name, verification, log, filled_by_us=account is not None)
+    log.info("Item account of queue %r: %s.", queue, account.describe())
+    if account.left or account.lost:
+        raise JobError(
+            f"Job {job_name} is Complete but not every item was processed ({account.describe()}). "
+            + (f"{account.left} item(s) are still in queue {queue!r}: completions was lower than the items, or "
+               "workers exited 0 without processing them; clear the task to run a new Job on them. " if account.left else "")
+            + (f"{account.lost} item(s) vanished from the queue without being processed or dead-lettered: "
+               "a max_length that dropped them, a message TTL or delivery limit without a dead-letter queue, or a "
+               "reject without a dead-letter exchange. Re-run the fill for them. " if account.lost else "")
+        )
+    if account.duplicated:
+        log.warning("%d item(s) of queue %r were processed more than once (a worker stopped between finishing an "
+                    "item and acknowledging it: at-least-once delivery).", account.duplicated, queue)
+    _report_dead_letters(job_name, account.dead_lettered, verification, log)
+    return {"items_left": 0, "dead_lettered": account.dead_lettered,
+            "dead_letter_queue": verification.dead_letter_queue, "account": account.as_dict()}
+
+
+def _verify_depth(job_name: str, verification: Verification, log: Log, *, filled_by_us: bool) -> dict[str, Any]:
+    """Without receipts: the best we can check is that the queue is empty."""
+    queue = verification.queue_name
+    assert queue is not None
+    log.warning(
+        "No item account for queue %r: %s, so only \"the queue is empty\" is checked; items dropped by the broker "
+        "(max_length, TTL, delivery limit) can't be told from processed ones. Run workqueue-consume in the image "
+        "and fill with FillQueueOperator to get the account.", queue,
+        "its workers keep no receipts (plain amqp-consume?)" if filled_by_us else "it was not filled by FillQueueOperator")
+    amqp = AmqpHook(amqp_conn_id=verification.amqp_conn_id)
+    left = amqp.queue_depth(queue).messages
     dead = amqp.queue_depth(verification.dead_letter_queue).messages if verification.dead_letter_queue else 0
     if left:
         raise JobError(
@@ -103,15 +139,21 @@ def _verify_queue(job_name: str, verification: Verification, log: Log) -> dict[s
             "without processing their item (amqp-consume does that when the worker fails) or completions was "
             "lower than the number of items. Check the worker logs; use workqueue-consume to make failures visible."
         )
-    if dead:
-        message = (f"{dead} item(s) of Job {job_name} were dead-lettered into queue "
-                   f"{verification.dead_letter_queue!r} after failing; the other items were processed.")
-        if verification.fail_on_dead_letters:
-            raise JobError(message + " Inspect them there, fix the worker, and move them back to retry.")
-        log.warning(message)
+    _report_dead_letters(job_name, dead, verification, log)
     log.info("Verified: queue %r is empty%s.", queue,
              f", {dead} item(s) in {verification.dead_letter_queue!r}" if verification.dead_letter_queue else "")
-    return {"items_left": 0, "dead_lettered": dead, "dead_letter_queue": verification.dead_letter_queue}
+    return {"items_left": 0, "dead_lettered": dead, "dead_letter_queue": verification.dead_letter_queue,
+            "account": None}
+
+
+def _report_dead_letters(job_name: str, dead: int, verification: Verification, log: Log) -> None:
+    if not dead:
+        return
+    message = (f"{dead} item(s) of Job {job_name} were dead-lettered into queue "
+               f"{verification.dead_letter_queue!r} after failing; the other items were processed.")
+    if verification.fail_on_dead_letters:
+        raise JobError(message + " Inspect them there, fix the worker, and move them back to retry.")
+    log.warning(message)
 
 
 def _summary(job: dict[str, Any], verdict: JobAssessment) -> dict[str, Any]:

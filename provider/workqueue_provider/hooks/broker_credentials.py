@@ -124,4 +124,7 @@ def with_secret_credentials(settings: BrokerSettings, extras: Mapping[str, Any])
     if ref is None:
         return settings, remaining
     login, password = read_credentials(ref)
+    from workqueue_provider.compat import mask_secret
+
+    mask_secret(password)  # Airflow then masks it in task logs, errors and rendered fields
     return dataclasses.replace(settings, login=login, password=password), remaining

@@ -165,13 +165,14 @@ class JobsHook:
             raise self._api_error(e, f"list the pods of Job {name!r}", namespace) from e
         return [self.as_dict(pod) for pod in pods.items]
 
-    def stuck_containers(self, name: str, namespace: str, grace_seconds: float) -> list[str]:
-        """Containers of the Job's pods stuck on a missing image or bad config (see :func:`stuck_containers`).
-        Called while waiting, so it rides out API outages."""
+    def stuck_containers(self, name: str, namespace: str, grace_seconds: float,
+                         first_seen: dict[str, float] | None = None) -> list[str]:
+        """Containers of the Job's pods stuck on a missing image or bad config (see :func:`stuck_containers`;
+        ``first_seen`` is its state across calls). Called while waiting, so it rides out API outages."""
         import time
 
         return stuck_containers(self.job_pods(name, namespace, ride_out_outages=True), now=time.time(),
-                                grace_seconds=grace_seconds)
+                                grace_seconds=grace_seconds, first_seen=first_seen)
 
     def pod_log_tail(self, pod: str, namespace: str, lines: int = 10) -> str:
         """The last lines a pod printed, or "" when the logs are unavailable."""

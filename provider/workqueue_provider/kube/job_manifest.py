@@ -64,6 +64,15 @@ def job_name_for(dag_id: str, task_id: str, run_id: str, map_index: int = -1, pr
     return validate_name(f"{slug}-{digest}" if slug else f"job-{digest}", "Job name")
 
 
+def next_generation(name: str) -> str:
+    """The name of the Job that follows ``name`` when a retry finds ``name`` finished with items left:
+    ``<name>-g2``, then ``-g3``...; shortened from the left of the suffix to stay within 63 characters."""
+    match = re.fullmatch(r"(?P<base>.+)-g(?P<n>\d+)", name)
+    base, number = (match["base"], int(match["n"]) + 1) if match else (name, 2)
+    suffix = f"-g{number}"
+    return validate_name(f"{base[: MAX_NAME - len(suffix)].rstrip('-')}{suffix}", "Job name")
+
+
 def _positive(value: Any, name: str, *, allow_none: bool = False, minimum: int = 1) -> None:
     if value is None and allow_none:
         return

@@ -91,24 +91,42 @@ STUCK_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrIma
                  "CreateContainerConfigError", "CreateContainerError")
 
 
-def stuck_containers(pods: list[dict[str, Any]], *, now: float, grace_seconds: float) -> list[str]:
-    """One line per container of a pod older than ``grace_seconds`` that waits for a reason in
-    :data:`STUCK_REASONS`, naming the pod, the image and the kubelet's message."""
+def stuck_containers(pods: list[dict[str, Any]], *, now: float, grace_seconds: float,
+                     first_seen: dict[str, float] | None = None) -> list[str]:
+    """One line per container that has waited longer than ``grace_seconds`` for a reason in
+    :data:`STUCK_REASONS`, naming the pod, the image and the kubelet's message.
+
+    How long it has waited: since the pod was created if the container never ran (restartCount 0, no
+    earlier termination); otherwise since it was first seen waiting, in ``first_seen`` (state the caller
+    keeps across observations, keyed by pod and container), so a pod that ran for hours and hits one
+    transient ErrImagePull on a restart is not taken for stuck. Without ``first_seen`` such a container
+    counts from now.
+    """
     from datetime import datetime
 
     lines = []
+    waiting_now = set()
     for pod in pods:
         metadata, status = pod.get("metadata") or {}, pod.get("status") or {}
         created = metadata.get("creationTimestamp")
         if not created:
             continue
         created_at = created if isinstance(created, datetime) else datetime.fromisoformat(str(created).replace("Z", "+00:00"))
-        if now - created_at.timestamp() < grace_seconds:
-            continue
         for container in (status.get("containerStatuses") or []) + (status.get("initContainerStatuses") or []):
             waiting = (container.get("state") or {}).get("waiting") or {}
-            if waiting.get("reason") in STUCK_REASONS:
-                message = (waiting.get("message") or "").strip()
-                lines.append(f"pod {metadata.get('name')} container {container.get('name')!r} image "
-                             f"{container.get('image')!r}: {waiting['reason']}" + (f" ({message[:300]})" if message else ""))
+            if waiting.get("reason") not in STUCK_REASONS:
+                continue
+            key = f"{metadata.get('uid') or metadata.get('name')}/{container.get('name')}"
+            waiting_now.add(key)
+            ran_before = int(container.get("restartCount") or 0) > 0 or bool((container.get("lastState") or {}).get("terminated"))
+            since = (first_seen.setdefault(key, now) if first_seen is not None else now) if ran_before \
+                else created_at.timestamp()
+            if now - since < grace_seconds:
+                continue
+            message = (waiting.get("message") or "").strip()
+            lines.append(f"pod {metadata.get('name')} container {container.get('name')!r} image "
+                         f"{container.get('image')!r}: {waiting['reason']}" + (f" ({message[:300]})" if message else ""))
+    if first_seen is not None:
+        for key in set(first_seen) - waiting_now:  # waiting ended: a later wait counts afresh
+            del first_seen[key]
     return lines

@@ -12,7 +12,7 @@ from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
 from airflow.sdk import BaseOperator
 
 from workqueue_provider.compat import AirflowSkipException
-from workqueue_provider.completion import Verification, finish_from_event, stuck_job_error
+from workqueue_provider.completion import Verification, conclude, finish_from_event, stuck_job_error
 from workqueue_provider.exceptions import ConfigurationError, JobError, WorkQueueError
 from workqueue_provider.hooks.amqp import AmqpHook
 from workqueue_provider.hooks.jobs import JobsHook
@@ -23,6 +23,7 @@ from workqueue_provider.kube.job_manifest import (
     build_secret,
     completions_for,
     job_name_for,
+    next_generation,
 )
 from workqueue_provider.kube.job_status import assess
 from workqueue_provider.links import RabbitMQQueueLink
@@ -47,7 +48,21 @@ class QueueJobOperator(BaseOperator):
       ``pod_broker_host``/``pod_broker_port`` let pods reach the broker at an in-cluster Service
       name while Airflow uses another address.
     * the Job is named from the DAG, task and run (``job_name`` sets a prefix), so an Airflow retry
-      re-attaches to the Job of the earlier attempt instead of creating a second one.
+      re-attaches to the Job of the earlier attempt instead of creating a second one. A Job that has
+      already finished is not adopted when items are left (a retry after a Failed Job, or a cleared
+      run whose fill published again): the next generation ``<name>-g2`` is launched for them. A
+      finished Job whose items are all processed counts as done.
+    * success is verified with the item account (amqp/receipts.py) when the pods run
+      ``workqueue-consume``: ``processed + dead_lettered + left + lost = filled``; the task fails when
+      items are left or lost and reports those processed twice; the summary carries the account.
+      With plain ``amqp-consume`` it falls back to "the queue is empty" and says so.
+    * a broker outage while the pods work is not a worker failure: ``workqueue-consume`` reconnects
+      for up to ``WORKQUEUE_OUTAGE_WINDOW`` seconds (default 300; set it with ``env``), so the
+      container neither exits nor counts against ``backoff_limit``; only a longer outage ends it with
+      exit 69, which then does count: the run fails naming the broker, with the items kept in the
+      queue. That is why the tutorial's ``restart_policy="OnFailure"`` stays the default rather than
+      ``Never`` plus a ``podFailurePolicy`` that ignores exit 69 (which would replace pods forever
+      while the broker is away).
     * waiting defers to :class:`JobCompleteTrigger` (a watch; no worker slot held); killing the
       deferred task deletes the Job with Background propagation.
     * an API-server outage (a restart, a control-plane upgrade) doesn't fail the wait: the deferred
@@ -101,7 +116,7 @@ class QueueJobOperator(BaseOperator):
 
     template_fields: Sequence[str] = ("image", "queue_name", "namespace", "job_name", "pod_broker_host",
                                       "parallelism", "completions", "items_per_pod", "command", "args", "env",
-                                      "labels", "annotations")
+                                      "labels", "annotations", "dead_letter_queue")
     ui_color = "#d6eaff"
     operator_extra_links = (RabbitMQQueueLink(),)
 
@@ -194,14 +209,22 @@ class QueueJobOperator(BaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any] | None:
         options = self.job_options()
+        _check_seconds(self.timeout, "timeout")
+        _check_seconds(self.poll_interval, "poll_interval")
+        if self.image_pull_grace_seconds is not None:
+            _check_seconds(self.image_pull_grace_seconds, "image_pull_grace_seconds")
         RabbitMQQueueLink.persist(context, amqp_conn_id=self.amqp_conn_id, queue_name=options.queue_name, log=self.log)
-        name = self.resolve_job_name(context)
         pod_url = self.amqp.settings.url(host=self.pod_broker_host, port=_as_int(self.pod_broker_port, "pod_broker_port"))
-        existing = self.jobs.get_job(name, options.namespace)
-        if existing is not None:
+        name, existing = self._latest_generation(self.resolve_job_name(context), options.namespace)
+        if existing is not None and (not assess(existing).done or self._outstanding(options.queue_name) == 0):
             self._reattach(existing, options)
         else:
-            self._launch(name, options, pod_url)
+            if existing is not None:
+                self.log.info("Job %s/%s from an earlier attempt has finished (%s) with items left in queue %r: "
+                              "launching a new Job for them.", options.namespace, name, assess(existing).progress(),
+                              options.queue_name)
+                name = next_generation(name)
+            name = self._launch(name, options, pod_url)
         self._launched = (name, options.namespace)
         if not self.wait_for_completion:
             return {"job_name": name, "namespace": options.namespace}
@@ -217,6 +240,26 @@ class QueueJobOperator(BaseOperator):
             timeout=timedelta(seconds=float(self.timeout)),
         )
 
+    def _latest_generation(self, first: str, namespace: str) -> tuple[str, dict[str, Any] | None]:
+        """The newest Job this task launched for this run (a retry after a finished Job launches the next
+        generation ``<name>-2``, ``-3``...), or ``(first, None)`` if there is none yet."""
+        name, job = first, self.jobs.get_job(first, namespace)
+        while job is not None:
+            following = next_generation(name)
+            newer = self.jobs.get_job(following, namespace)
+            if newer is None:
+                break
+            name, job = following, newer
+        return name, job
+
+    def _outstanding(self, queue_name: str) -> int:
+        """Items not yet processed or dead-lettered: from the item account when there is one (it counts the
+        items pods of a deleted Job still hold unacked), else the ready messages in the queue."""
+        account = self.amqp.item_account(queue_name, self.dead_letter_queue)
+        if account is not None and account.kept:
+            return max(0, account.filled - account.processed - account.dead_lettered)
+        return self.amqp.queue_depth(queue_name).messages
+
     def _reattach(self, job: dict[str, Any], options: JobOptions) -> None:
         name = job["metadata"]["name"]
         found = (job["metadata"].get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
@@ -227,63 +270,71 @@ class QueueJobOperator(BaseOperator):
             )
         self.log.info("Re-attaching to Job %s/%s from an earlier attempt (%s); not creating another.",
                       options.namespace, name, assess(job).progress())
+        try:  # an attempt that died between creating the Job and adopting its Secret left it unowned
+            self.jobs.adopt_secret(f"{name}-broker", job)
+        except WorkQueueError as e:
+            self.log.warning("Could not make Job %s/%s own its Secret %s-broker: %s", options.namespace, name, name, e)
 
-    def _launch(self, name: str, options: JobOptions, pod_url: str) -> None:
-        depth = self.amqp.queue_depth(options.queue_name)
-        if depth.messages == 0:
+    def _launch(self, name: str, options: JobOptions, pod_url: str) -> str:
+        """Create the Job (and its Secret); returns its name."""
+        items = self._outstanding(options.queue_name)
+        if items == 0:
             raise AirflowSkipException(f"Queue {options.queue_name!r} is empty: no Job created.")
         if options.completions is not None and options.items_per_pod is not None:
             capacity = options.completions * options.items_per_pod
-            if capacity < depth.messages:
+            if capacity < items:
                 raise ConfigurationError(
                     f"completions={options.completions} (x items_per_pod={options.items_per_pod}) is lower than the "
-                    f"{depth.messages} items in queue {options.queue_name!r}: {depth.messages - capacity} items would "
+                    f"{items} items in queue {options.queue_name!r}: {items - capacity} items would "
                     "never be processed. Leave completions unset to derive it from the queue."
                 )
-            if capacity > depth.messages:
+            if capacity > items:
                 self.log.warning(
                     "completions=%d but queue %r holds %d items: %d pods will find the queue empty "
-                    "(workqueue-consume exits 0; the seed's amqp-consume would block forever).",
-                    options.completions, options.queue_name, depth.messages, capacity - depth.messages)
-        completions = completions_for(options, depth.messages)
+                    "(workqueue-consume exits 0; the tutorial's amqp-consume would block forever).",
+                    options.completions, options.queue_name, items, capacity - items)
+        completions = completions_for(options, items)
         secret_name = f"{name}-broker"
         job = build_job(name, options, completions=completions, secret_name=secret_name)
         self.jobs.apply_secret(build_secret(secret_name, options.namespace, pod_url))
         try:
             created = self.jobs.create_job(job)
-        except Exception:
+        except WorkQueueError:
+            concurrent = self.jobs.get_job(name, options.namespace)
+            if concurrent is not None:  # another attempt created it first: its Secret is in use, keep it
+                self._reattach(concurrent, options)
+                return name
             self.jobs.delete_secret(secret_name, options.namespace)
             raise
         self.jobs.adopt_secret(secret_name, created)
         self.log.info("Created Job %s/%s: %s items in queue %r, completions %s, parallelism %d.",
-                      options.namespace, name, depth.messages, options.queue_name,
+                      options.namespace, name, items, options.queue_name,
                       completions if completions is not None else "unset (drain mode)", options.parallelism)
+        return name
 
     def _wait_here(self, name: str, namespace: str) -> dict[str, Any]:
         """Wait in the worker (deferrable=False): the same assessment, polled."""
         deadline = time.monotonic() + float(self.timeout)
         last = None
+        waiting_since: dict[str, float] = {}
         while True:
             job = self.jobs.get_job(name, namespace, ride_out_outages=True)
             if job is None:
-                return finish_from_event({"status": "error", "message": f"Job {namespace}/{name} was deleted.",
-                                          "job_name": name, "namespace": namespace}, self.jobs, self.verification, self.log)
+                raise JobError(f"Job {namespace}/{name} was deleted.")
             verdict = assess(job)
             if verdict.progress() != last:
                 last = verdict.progress()
                 self.log.info("Job %s/%s: %s", namespace, name, last)
             if verdict.done:
-                return finish_from_event({"status": verdict.phase.value, "job_name": name, "namespace": namespace},
-                                         self.jobs, self.verification, self.log)
+                return conclude(job, self.jobs, self.verification, self.log)
             grace = self.image_pull_grace_seconds
             if grace is not None and verdict.active > int((job.get("status") or {}).get("ready") or 0):
-                stuck = self.jobs.stuck_containers(name, namespace, grace)
+                stuck = self.jobs.stuck_containers(name, namespace, grace, waiting_since)
                 if stuck:
                     raise self._delete_stuck_job(name, namespace, grace, stuck)
             if time.monotonic() > deadline:
-                return finish_from_event({"status": "timeout", "message": f"Job {namespace}/{name} timed out.",
-                                          "job_name": name, "namespace": namespace}, self.jobs, self.verification, self.log)
-            time.sleep(self.poll_interval)
+                raise JobError(f"Job {namespace}/{name} timed out.")
+            time.sleep(float(self.poll_interval))
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         if event["status"] == "stuck":
@@ -317,3 +368,9 @@ def _as_int(value: Any, name: str) -> int | None:
     if isinstance(value, str) and value.strip() in ("", "None"):
         return None
     raise ConfigurationError(f"{name} rendered to {value!r} ({type(value).__name__}), not a whole number.")
+
+
+def _check_seconds(value: Any, name: str) -> None:
+    """Waiting knobs: a positive number of seconds (``poll_interval=0`` would poll in a tight loop)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigurationError(f"{name}={value!r} must be a positive number of seconds.")

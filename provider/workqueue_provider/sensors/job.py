@@ -68,6 +68,7 @@ class JobCompleteSensor(BaseSensorOperator):
         self.kubernetes_conn_id = kubernetes_conn_id
         self.amqp_conn_id = amqp_conn_id
         self._last_progress: str | None = None
+        self._waiting_since: dict[str, float] = {}  # stuck-check state across pokes
 
     @cached_property
     def jobs(self) -> JobsHook:
@@ -107,7 +108,8 @@ class JobCompleteSensor(BaseSensorOperator):
             self.log.info("Job %s/%s: %s", self.namespace, self.job_name, self._last_progress)
         if not verdict.done:
             if verdict.active > int((job.get("status") or {}).get("ready") or 0):
-                stuck = stuck_error(self.job_name, self.namespace, self.jobs, self.image_pull_grace_seconds)
+                stuck = stuck_error(self.job_name, self.namespace, self.jobs, self.image_pull_grace_seconds,
+                                    self._waiting_since)
                 if stuck is not None:
                     raise stuck
             return False

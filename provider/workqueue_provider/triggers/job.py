@@ -70,6 +70,7 @@ class JobCompleteTrigger(BaseTrigger):
         self._watch_decided = False
         self._unready_since: float | None = None  # monotonic time since when some active pods aren't ready
         self._progress: str | None = None
+        self._waiting_since: dict[str, float] = {}  # stuck-check state: container -> first seen waiting
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -179,7 +180,8 @@ class JobCompleteTrigger(BaseTrigger):
                     except (TimeoutError, OSError, aiohttp.ClientError):
                         continue
                     stuck = stuck_containers([api.sanitize_for_serialization(pod) for pod in pods.items],
-                                             now=time.time(), grace_seconds=grace_seconds)
+                                             now=time.time(), grace_seconds=grace_seconds,
+                                             first_seen=self._waiting_since)
                     if stuck and not self._watch_decided:
                         self.log.error("Job %s/%s can't start its pods: %s", self.namespace, self.job_name,
                                        "; ".join(stuck))
@@ -243,8 +245,8 @@ class JobCompleteTrigger(BaseTrigger):
                             if verdict.progress() != last_progress:
                                 last_progress = self._progress = verdict.progress()
                                 self.log.info("Job %s/%s: %s", self.namespace, self.job_name, last_progress)
-                            if verdict.done:
-                                yield self._event(verdict.phase.value, verdict)
+                            if verdict.done:  # the Job as seen: a short TTL may delete it before it's read again
+                                yield self._event(verdict.phase.value, verdict, job=job)
                                 return
                 except ApiException as e:
                     if e.status == 410:
