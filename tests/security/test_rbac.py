@@ -13,7 +13,8 @@ from airflow.sdk.exceptions import TaskDeferred
 from kubernetes import client
 
 from tests.conftest import task_context, worker_output
-from workqueue_provider.exceptions import ConfigurationError
+from tests.integration.test_broker_start import amqp_connection, register_local_rabbitmq
+from workqueue_provider.exceptions import ConfigurationError, JobError
 from workqueue_provider.operators.broker import EnsureBrokerOperator
 from workqueue_provider.operators.job import QueueJobOperator
 from workqueue_provider.operators.queue import DeclareQueueOperator, DeleteQueueOperator, FillQueueOperator
@@ -48,19 +49,30 @@ def created_objects(core, batch, namespace: str) -> list[str]:
 
 
 def test_the_shipped_role_runs_the_whole_flow(amqp_conn, cluster, core, batch, namespace, queue_name, monkeypatch):
+    """user-1, bound to deploy/rbac.yaml's Role and nothing else, starts the broker (Secret, Service,
+    StatefulSet, its pod read while waiting), reads the broker's credentials from the Secret, runs and waits
+    for the Job (jobs, pods), and reads a failed pod's log (pods/log): every rule of the Role is used."""
     apply_shipped_rbac(cluster, namespace, "user-1")
     k8s = kube_connection_as(cluster, monkeypatch, "user-1")
+    # no broker answers at this address: EnsureBrokerOperator must start one (the node agent runs the
+    # StatefulSet's rabbitmq image as a private rabbitmq-server on this port); everything reads its Secret as user-1
+    port = register_local_rabbitmq(cluster)
+    monkeypatch.setenv("AIRFLOW_CONN_AMQP_RBAC", amqp_connection(
+        port, credentials_secret="rabbitmq-credentials", credentials_namespace=namespace, kubernetes_conn_id=k8s))
+    amqp = {"amqp_conn_id": "amqp_rbac"}
     context = task_context()
     items = ["apple", "banana", "cherry"]
 
-    assert EnsureBrokerOperator(task_id="start_broker", namespace=namespace,
-                                kubernetes_conn_id=k8s).execute(context)["started"] is False
-    DeclareQueueOperator(task_id="declare_queue", queue_name=queue_name).execute(context)
-    FillQueueOperator(task_id="fill_queue", queue_name=queue_name, items=items).execute(context)
+    started = EnsureBrokerOperator(task_id="start_broker", kubernetes_conn_id=k8s, startup_timeout=120,
+                                   **amqp).execute(context)
+    assert started == {"started": True, "address": f"127.0.0.1:{port}", "namespace": namespace,
+                       "created": ["Secret/rabbitmq-credentials", "Service/rabbitmq-service", "StatefulSet/rabbitmq"]}
+    DeclareQueueOperator(task_id="declare_queue", queue_name=queue_name, **amqp).execute(context)
+    FillQueueOperator(task_id="fill_queue", queue_name=queue_name, items=items, **amqp).execute(context)
     launched = QueueJobOperator(task_id="run_job", image="job-wq-1", queue_name=queue_name, namespace=namespace,
-                                wait_for_completion=False, kubernetes_conn_id=k8s).execute(context)
+                                wait_for_completion=False, kubernetes_conn_id=k8s, **amqp).execute(context)
     sensor = JobCompleteSensor(task_id="wait_for_job", queue_name=queue_name, kubernetes_conn_id=k8s, timeout=300,
-                               **launched)
+                               **amqp, **launched)
     with pytest.raises(TaskDeferred) as deferred:  # poke (get), then the trigger (list + watch) as user-1
         sensor.execute(context)
 
@@ -70,8 +82,20 @@ def test_the_shipped_role_runs_the_whole_flow(amqp_conn, cluster, core, batch, n
     event = asyncio.run(asyncio.wait_for(first_event(deferred.value.trigger), timeout=180))
     summary = sensor.execute_complete(context, event)
     assert summary["succeeded"] == 3 and summary["items_left"] == 0
-    assert DeleteQueueOperator(task_id="delete_queue", queue_name=queue_name).execute(context) == 0
     assert sorted(worker_output(cluster, core, namespace, launched["job_name"])) == sorted(f"Processing {i}" for i in items)
+
+    # a Job whose worker fails: the error quotes the failed pod's log, read as user-1 (pods/log)
+    FillQueueOperator(task_id="fill_poison", queue_name=queue_name, items=["poison"], **amqp).execute(
+        task_context(task_id="fill_poison"))
+    failing = QueueJobOperator(task_id="run_failing_job", image="job-wq-1", queue_name=queue_name, namespace=namespace,
+                               command=["sh", "-c", "echo cannot process this item >&2; exit 7"],
+                               restart_policy="Never", backoff_limit=0, deferrable=False, poll_interval=0.5,
+                               kubernetes_conn_id=k8s, **amqp)
+    with pytest.raises(JobError) as raised:
+        failing.execute(task_context(task_id="run_failing_job"))
+    message = str(raised.value)
+    assert "exited 7" in message and "cannot process this item" in message, message
+    assert DeleteQueueOperator(task_id="delete_queue", queue_name=queue_name, **amqp).execute(context) == 1
 
 
 def test_an_identity_without_the_role_gets_a_clear_403_before_anything_is_created(amqp_conn, cluster, core, batch,
