@@ -245,12 +245,29 @@ def test_a_connection_whose_secret_is_missing_says_how_to_create_it(namespace, k
         _ = AmqpHook(amqp_conn_id="amqp_unstarted").settings
 
 
+def everything_in_the_cluster(cluster) -> set[str]:
+    """Every namespace, and every Secret, Service, StatefulSet and pod in any namespace (kind/namespace/name/uid)."""
+    core, apps = clients(cluster)
+    found = {f"Namespace/{n.metadata.name}/{n.metadata.uid}" for n in core.list_namespace().items}
+    for kind, items in (("Secret", core.list_secret_for_all_namespaces().items),
+                        ("Service", core.list_service_for_all_namespaces().items),
+                        ("StatefulSet", apps.list_stateful_set_for_all_namespaces().items),
+                        ("Pod", core.list_pod_for_all_namespaces().items)):
+        found |= {f"{kind}/{i.metadata.namespace}/{i.metadata.name}/{i.metadata.uid}" for i in items}
+    return found
+
+
 def test_a_missing_namespace_is_named_and_nothing_is_created(kube_env, monkeypatch):
+    missing = f"no-such-namespace-{uuid.uuid4().hex[:6]}"
     monkeypatch.setenv("AIRFLOW_CONN_AMQP_NEW", amqp_connection(
-        free_port(), credentials_secret="rabbitmq-credentials", credentials_namespace="no-such-namespace"))
+        free_port(), credentials_secret="rabbitmq-credentials", credentials_namespace=missing))
     op = EnsureBrokerOperator(task_id="ensure_broker", amqp_conn_id="amqp_new")
-    with pytest.raises(ConfigurationError, match="namespace 'no-such-namespace' does not exist"):
+    before = everything_in_the_cluster(kube_env)
+    with pytest.raises(ConfigurationError, match=f"namespace '{missing}' does not exist"):
         op.execute(task_context())
+    # other tests' objects may go away meanwhile (namespaces being deleted); nothing may appear
+    assert everything_in_the_cluster(kube_env) - before == set()
+    assert missing not in {n.metadata.name for n in clients(kube_env)[0].list_namespace().items}
 
 
 def test_an_rbac_refusal_is_named_and_nothing_is_created(namespace, kube_env, monkeypatch):
