@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import sys
 import time
+from pathlib import Path
 
 import pytest
+import structlog.testing
 
 from tests.conftest import task_context, worker_output
 from workqueue_provider.compat import AirflowSkipException
@@ -18,6 +22,7 @@ from workqueue_provider.sensors.job import JobCompleteSensor
 from workqueue_provider.triggers.job import JobCompleteTrigger
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster]
+VENV_BIN = Path(sys.executable).parent
 FRUIT = ["apple", "banana", "cherry", "date", "fig", "grape", "lemon", "melon"]
 
 
@@ -194,19 +199,36 @@ def test_the_trigger_times_out(amqp_conn, kube_conn, cluster, namespace, queue_n
 
 
 def test_killing_the_deferred_task_deletes_the_job_and_its_pods(amqp_conn, kube_conn, cluster, core, batch, namespace,
-                                                               queue_name):
-    filled(queue_name, items=["a", "b"])
-    launched = job_op(queue_name, namespace, wait_for_completion=False,
-                      command=["sh", "-c", "sleep 60"]).execute(task_context())
-    deadline = time.time() + 60
-    while not core.list_namespaced_pod(namespace).items and time.time() < deadline:
+                                                               queue_name, tmp_path):
+    items = ["a", "b"]
+    filled(queue_name, items=items)
+    taken = tmp_path / "taken"  # each worker writes the item it holds here, then works on it (for 10 minutes)
+    taken.mkdir()
+    holder = f"cat > \"$(mktemp -p {taken})\"; exec sleep 600"
+    launched = job_op(queue_name, namespace, wait_for_completion=False, parallelism=2,
+                      command=["sh", "-c", f"exec {VENV_BIN}/workqueue-consume sh -c '{holder}'"]).execute(task_context())
+
+    def holding() -> list[str]:
+        return sorted(path.read_text() for path in taken.iterdir() if path.stat().st_size)
+
+    deadline = time.time() + 90
+    while (holding() != items or AmqpHook().queue_depth(queue_name).messages) and time.time() < deadline:
         time.sleep(0.3)
+    running = [p.metadata.name for p in core.list_namespaced_pod(namespace).items if p.status.phase == "Running"]
+    assert len(running) == 2, f"two Running pods before the kill, got {running}"
+    assert holding() == items, "each worker holds an item before the kill"
+    depth = AmqpHook().queue_depth(queue_name)
+    assert (depth.messages, depth.consumers) == (0, 2), "both items in flight (taken, not acked) before the kill"
+
     asyncio.run(JobCompleteTrigger(kubernetes_conn_id=kube_conn, **launched).on_kill())
-    while (batch.list_namespaced_job(namespace).items or core.list_namespaced_pod(namespace).items) and time.time() < deadline:
+    deadline = time.time() + 90
+    while (batch.list_namespaced_job(namespace).items or core.list_namespaced_pod(namespace).items
+           or AmqpHook().queue_depth(queue_name).messages != 2) and time.time() < deadline:
         time.sleep(0.3)
     assert batch.list_namespaced_job(namespace).items == []
     assert core.list_namespaced_pod(namespace).items == []
-    assert AmqpHook().queue_depth(queue_name).messages == 2, "killed workers leave their items in the queue"
+    depth = AmqpHook().queue_depth(queue_name)
+    assert (depth.messages, depth.consumers) == (2, 0), "the killed workers' items are all back in the queue"
 
 
 def test_periodic_progress_says_how_many_items_are_left(amqp_conn, kube_conn, cluster, namespace, queue_name, capfd):
@@ -218,27 +240,43 @@ def test_periodic_progress_says_how_many_items_are_left(amqp_conn, kube_conn, cl
     assert run_trigger(trigger)["status"] == "timeout"
     output = capfd.readouterr()
     lines = [line for line in (output.out + output.err).splitlines() if "still running after" in line]
-    assert lines and f"items left in queue {queue_name!r}" in lines[-1], lines
+    # parallelism 1 and a command that never takes an item: all 3 are still in the queue
+    assert lines and f", 3 items left in queue {queue_name!r}" in lines[-1], lines
 
 
 def test_the_stuck_pod_check_leaves_a_slow_starting_job_alone(amqp_conn, kube_conn, cluster, namespace, queue_name,
-                                                             monkeypatch):
-    """Pods that are slow to become ready (a 4 s init container) are listed and checked, but not stuck."""
+                                                             monkeypatch, caplog):
+    """Pods that are slow to become ready (a 4 s init container) are listed and checked, but not stuck; the
+    check ran cleanly (it swallows its own errors, so "the job was left alone" alone would prove nothing)."""
     from workqueue_provider.triggers import job as trigger_module
 
     real_list = trigger_module.async_client.CoreV1Api.list_namespaced_pod
-    listed = []
+    real_stuck = trigger_module.stuck_containers
+    listed, checked = [], []
 
     async def counting_list(self, *args, **kwargs):
-        listed.append(time.monotonic())
-        return await real_list(self, *args, **kwargs)
+        pods = await real_list(self, *args, **kwargs)
+        listed.append(len(pods.items))
+        return pods
+
+    def recording_stuck(*args, **kwargs):
+        found = real_stuck(*args, **kwargs)
+        checked.append(found)
+        return found
 
     monkeypatch.setattr(trigger_module.async_client.CoreV1Api, "list_namespaced_pod", counting_list)
+    monkeypatch.setattr(trigger_module, "stuck_containers", recording_stuck)
     filled(queue_name, items=["a", "b"])
     warm_up = {"spec": {"initContainers": [{"name": "warm-up", "image": "busybox", "command": ["sh", "-c", "sleep 4"]}]}}
     launched = job_op(queue_name, namespace, wait_for_completion=False, parallelism=2,
                       pod_template=warm_up).execute(task_context())
-    event = run_trigger(JobCompleteTrigger(kubernetes_conn_id=kube_conn, deadline=time.time() + 120,
-                                           image_pull_grace_seconds=1, **launched))
+    caplog.set_level(logging.DEBUG)
+    with structlog.testing.capture_logs() as captured:
+        event = run_trigger(JobCompleteTrigger(kubernetes_conn_id=kube_conn, deadline=time.time() + 120,
+                                               image_pull_grace_seconds=1, **launched))
     assert event["status"] == "succeeded" and event["assessment"]["succeeded"] == 2, event
-    assert listed, "the check listed the pods while they were not ready"
+    assert listed and any(listed), f"the check listed the pods while they were not ready: {listed}"
+    assert checked and not any(checked), f"the listed pods were assessed and none was stuck: {checked}"
+    log = [r.getMessage() for r in caplog.records] + [repr(e) for e in captured]
+    failures = [m for m in log if "check for pods that can't start failed" in m or "Can't list the pods" in m]
+    assert not failures, f"the stuck-pod check did not run cleanly: {failures}"
