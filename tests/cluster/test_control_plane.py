@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -308,8 +310,60 @@ def test_spare_user_tokens_and_rbac(local_cluster, ns):
 
 # ------------------------------------------------------------------ cleanup
 
+def _group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group ``pgid``: a /proc scan."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                state, _ppid, pgrp = fh.read().rsplit(")", 1)[1].split()[:3]
+        except OSError:
+            continue
+        if int(pgrp) == pgid and state != "Z":
+            members.append(int(entry))
+    return members
+
+
+class SigkillRecordingCluster(LocalCluster):
+    """A LocalCluster whose stop() records every process still alive when it resorts to SIGKILL: stop()
+    SIGKILLs whatever ignored SIGTERM, so "nothing is left afterwards" alone would pass whatever happened."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.killed: list[str] = []
+
+    def _terminate(self, p, timeout):
+        name = next((n for n, proc in self.procs.items() if proc is p), str(p.args[:1]))
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.killed.append(f"{name} (pid {p.pid}) ignored SIGTERM for {timeout:g} s")
+        self.killed += [f"{name}'s process group member {pid}" for pid in _group_members(p.pid) if pid != p.pid]
+        super()._terminate(p, timeout)  # exited already: only SIGKILLs the rest of the group (none)
+
+    def _kill_container_groups(self):
+        try:
+            pgids = [int(x) for x in (self.workdir / "node" / "agent" / "pgids").read_text().split()]
+        except (OSError, ValueError):
+            pgids = []
+        self.killed += [f"container process {pid} (group {g})" for g in pgids for pid in _group_members(g)]
+        super()._kill_container_groups()
+
+    def _kill_marked(self):
+        self.killed += [f"marked process {pid}" for pid in marked_pids(MARK_ID, self.cluster_id)
+                        if pid_alive(pid) and not _zombie(pid)]
+        super()._kill_marked()
+
+
 def test_no_process_left_behind(local_cluster, tmp_path):
-    with LocalCluster(bin_dir=local_cluster.bin_dir) as other:
+    with SigkillRecordingCluster(bin_dir=local_cluster.bin_dir) as other:
         cid = other.cluster_id
         v1 = client.CoreV1Api(other.api_client())
         v1.create_namespaced_pod("default", {"metadata": {"name": "forker"}, "spec": {"containers": [
@@ -319,6 +373,7 @@ def test_no_process_left_behind(local_cluster, tmp_path):
         wait_for(lambda: len(marked_pids(MARK_ID, cid)) >= 4 + 3, 10, what="container processes")
         pids = set(marked_pids(MARK_ID, cid)) | set(other.pids().values())
         workdir = other.workdir
+    assert other.killed == [], f"stop() had to SIGKILL: {other.killed}"
     assert not marked_pids(MARK_ID, cid)
     assert not [p for p in pids if pid_alive(p) and not _zombie(p)]
     assert not os.path.exists(workdir)

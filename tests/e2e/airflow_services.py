@@ -53,6 +53,7 @@ class AirflowServices:
         self.url = f"http://127.0.0.1:{self.port}"
         self.logs = self.home / "service-logs"
         self.processes: dict[str, subprocess.Popen] = {}
+        self.killed: list[str] | None = None  # after __exit__: the processes that needed SIGKILL (none, if all is well)
         self._token: str | None = None
         passwords = self.home / "passwords.json"
         self.env = {
@@ -197,7 +198,7 @@ class AirflowServices:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self.killed = self.stop()
 
     # -- REST API ----------------------------------------------------------------------------------
 

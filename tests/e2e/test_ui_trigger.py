@@ -46,7 +46,8 @@ def chromium() -> str:
 
 @pytest.fixture(scope="module")
 def airflow(broker_url, cluster, tmp_path_factory):
-    """Airflow's services for this module's tests; on exit, checks that none of their processes is left."""
+    """Airflow's services for this module's tests; on exit, checks that every process stopped on SIGTERM
+    (stop() SIGKILLs the rest, so checking for survivors afterwards alone would always pass) and none is left."""
     started = time.monotonic()
     services = AirflowServices(tmp_path_factory.mktemp("airflow"), kubeconfig=str(cluster.kubeconfig),
                                amqp_url=broker_url)
@@ -55,6 +56,7 @@ def airflow(broker_url, cluster, tmp_path_factory):
         services.wait_until(f"DAG {DAG_ID} to be parsed", lambda: services.api("GET", f"/dags/{DAG_ID}").json(), 300)
         yield services
         pids = services.pids()
+    assert services.killed == [], f"Airflow processes that ignored SIGTERM and had to be SIGKILLed: {services.killed}"
     leftovers = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
     assert not leftovers, f"Airflow processes left running: {leftovers}"
 
