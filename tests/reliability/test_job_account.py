@@ -1,0 +1,95 @@
+"""The item account on the real broker and control plane: what the run reports adds up to what was
+filled; items the broker drops fail the run as lost; retries and cleared runs redo the work instead
+of adopting a finished Job; a Job deleted by its TTL still reports its result."""
+
+from __future__ import annotations
+
+import time
+
+import pika
+import pytest
+from airflow.sdk.exceptions import TaskDeferred
+
+from tests.conftest import task_context
+from tests.integration.test_job_side import run_trigger
+from tests.reliability.test_job_faults import filled, job_op, processed, worker_script
+from workqueue_provider.exceptions import JobError
+from workqueue_provider.operators.queue import FillQueueOperator
+
+pytestmark = [pytest.mark.integration, pytest.mark.cluster]
+FRUIT = ["apple", "banana", "cherry", "date", "fig", "grape"]
+PRINT = 'echo "Processing $item"\n'
+
+
+def account(summary: dict) -> tuple[int, int, int, int, int, int]:
+    found = summary["account"]
+    return (found["filled"], found["processed"], found["dead_lettered"], found["left"], found["lost"],
+            found["duplicated"])
+
+
+def test_the_summary_carries_an_account_that_adds_up(amqp_conn, kube_conn, cluster, core, namespace, queue_name,
+                                                      tmp_path):
+    filled(queue_name, FRUIT)
+    summary = job_op(queue_name, namespace, worker_script(tmp_path, PRINT)).execute(task_context())
+    assert account(summary) == (6, 6, 0, 0, 0, 0)
+    assert processed(cluster, core, namespace, summary["job_name"]) == sorted(f"Processing {f}" for f in FRUIT)
+
+
+def test_items_the_broker_drops_fail_the_run_as_lost(amqp_conn, kube_conn, cluster, namespace, queue_name, broker_url,
+                                                    tmp_path):
+    # a queue declared elsewhere with x-max-length and RabbitMQ's default overflow (drop-head): every
+    # publish is confirmed, but the broker drops the oldest items once 2 are queued
+    connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+    connection.channel().queue_declare(queue_name, durable=True, arguments={"x-max-length": 2})
+    connection.close()
+    FillQueueOperator(task_id="fill", queue_name=queue_name, items=FRUIT).execute(task_context())
+    with pytest.raises(JobError, match=r"6 filled = 2 processed \+ 0 dead-lettered \+ 0 left \+ 4 lost") as failed:
+        job_op(queue_name, namespace, worker_script(tmp_path, PRINT)).execute(task_context())
+    assert "vanished from the queue" in str(failed.value)
+
+
+def test_a_retry_after_a_failed_job_runs_a_new_job_on_the_items_left(amqp_conn, kube_conn, cluster, core, namespace,
+                                                                    queue_name, tmp_path):
+    gate = tmp_path / "fixed"
+    command = worker_script(tmp_path, f'test -e {gate} || exit 3\n{PRINT}')
+    filled(queue_name, FRUIT)
+    with pytest.raises(JobError, match="BackoffLimitExceeded"):
+        job_op(queue_name, namespace, command, backoff_limit=0, parallelism=1).execute(task_context(try_number=1))
+    gate.touch()  # the worker is fixed; Airflow retries the task
+    summary = job_op(queue_name, namespace, command, backoff_limit=0, parallelism=1).execute(task_context(try_number=2))
+    assert summary["job_name"].endswith("-g2")
+    assert account(summary) == (6, 6, 0, 0, 0, 0)
+    assert processed(cluster, core, namespace, summary["job_name"]) == sorted(f"Processing {f}" for f in FRUIT)
+
+
+def test_a_cleared_run_refills_and_a_new_job_processes_the_items(amqp_conn, kube_conn, cluster, core, namespace,
+                                                                queue_name, tmp_path):
+    command = worker_script(tmp_path, PRINT)
+    filled(queue_name, FRUIT)
+    first = job_op(queue_name, namespace, command).execute(task_context())
+    # the run is cleared: the fill runs again (same run), then the Job task finds the Complete Job
+    FillQueueOperator(task_id="fill", queue_name=queue_name, items=FRUIT).execute(task_context(try_number=2))
+    second = job_op(queue_name, namespace, command).execute(task_context(try_number=2))
+    assert second["job_name"] == f"{first['job_name']}-g2"
+    assert account(second) == (6, 6, 0, 0, 0, 0)
+    assert processed(cluster, core, namespace, second["job_name"]) == sorted(f"Processing {f}" for f in FRUIT)
+    # cleared again with nothing refilled: the finished Job counts as done, no third Job
+    third = job_op(queue_name, namespace, command).execute(task_context(try_number=3))
+    assert third["job_name"] == second["job_name"] and account(third) == (6, 6, 0, 0, 0, 0)
+
+
+def test_a_job_deleted_by_its_ttl_at_once_still_reports_success(amqp_conn, kube_conn, cluster, batch, namespace,
+                                                               queue_name, tmp_path):
+    filled(queue_name, FRUIT[:3])
+    operator = job_op(queue_name, namespace, worker_script(tmp_path, PRINT), deferrable=True,
+                      ttl_seconds_after_finished=0)
+    with pytest.raises(TaskDeferred) as deferred:
+        operator.execute(task_context())
+    event = run_trigger(deferred.value.trigger)
+    assert event["status"] == "succeeded"
+    deadline = time.monotonic() + 60
+    while batch.list_namespaced_job(namespace).items:  # the TTL controller deletes it
+        assert time.monotonic() < deadline, "the TTL controller did not delete the finished Job"
+        time.sleep(0.2)
+    summary = operator.execute_complete(task_context(), event)
+    assert summary["succeeded"] == 3 and account(summary) == (3, 3, 0, 0, 0, 0)
