@@ -100,3 +100,15 @@ def test_templates_fill_in_anything_else_and_explicit_options_win():
 def test_fingerprint_changes_with_the_spec():
     assert JobOptions(image="a", queue_name="q").fingerprint() != JobOptions(image="a", queue_name="q", parallelism=3).fingerprint()
     assert merge({"a": {"b": 1}}, {"a": {"c": 2}}) == {"a": {"b": 1, "c": 2}}
+
+
+def test_a_finished_jobs_successor_is_the_next_generation_within_63_characters():
+    from workqueue_provider.kube.job_manifest import next_generation
+
+    assert next_generation("run-job-0123456789") == "run-job-0123456789-g2"
+    assert next_generation("run-job-0123456789-g2") == "run-job-0123456789-g3"
+    long = "a" * 52 + "-0123456789"
+    assert len(long) == 63
+    second = next_generation(long)
+    assert len(second) <= 63 and second.endswith("-g2") and next_generation(second).endswith("-g3")
+    assert len({long, second, next_generation(second)}) == 3
