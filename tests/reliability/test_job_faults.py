@@ -61,8 +61,32 @@ def wait_for_running_pod(core, namespace, timeout=60):
 
 
 def logged(caplog, captured) -> list[str]:
-    """What the trigger logged, through the stdlib or structlog (Airflow's task/trigger logger)."""
-    return [r.getMessage() for r in caplog.records] + [repr(e) for e in captured]
+    """What the trigger logged, through the stdlib or structlog (Airflow's task/trigger logger); structlog's
+    events are formatted with their positional arguments (then followed by the raw event)."""
+    lines = [r.getMessage() for r in caplog.records]
+    for event in list(captured):
+        text = str(event.get("event"))
+        if event.get("positional_args"):
+            try:
+                text %= tuple(event["positional_args"])
+            except (TypeError, ValueError):
+                pass
+        lines.append(f"{text} {event!r}")
+    return lines
+
+
+def namespaced_job_watches(cluster) -> float:
+    """Long-running WATCH requests on jobs in a namespace (the trigger's watches one Job by name: scope
+    "resource") the API server holds, from its own metrics; the controllers' watches are cluster-wide."""
+    api = cluster.api_client()
+    response = api.call_api("/metrics", "GET", auth_settings=["BearerToken"], _preload_content=False,
+                            _return_http_data_only=True)
+    total = 0.0
+    for line in response.data.decode().splitlines():
+        if line.startswith("apiserver_longrunning_requests{") and 'resource="jobs"' in line \
+                and 'scope="cluster"' not in line and 'verb="WATCH"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 async def first_event(trigger):
@@ -130,7 +154,7 @@ def test_a_restarted_triggerer_reattaches_to_the_same_job(amqp_conn, kube_conn, 
 
 
 def test_the_watch_survives_an_api_server_restart(amqp_conn, kube_conn, cluster, core, namespace, queue_name,
-                                                 tmp_path, caplog):
+                                                 tmp_path, caplog, monkeypatch):
     items = ["a", "b", "c", "d"]
     filled(queue_name, items)
     command = worker_script(tmp_path, SLOW_ITEM)
@@ -138,15 +162,33 @@ def test_the_watch_survives_an_api_server_restart(amqp_conn, kube_conn, cluster,
     wait_for_running_pod(core, namespace)
     caplog.set_level(logging.INFO)
 
-    async def wait_through_restart():
+    progress: list[str] = []  # the trigger's progress, as it logs it (each assessment of the Job it saw)
+    real_assess = trigger_module.assess
+
+    def recording_assess(job):
+        verdict = real_assess(job)
+        progress.append(verdict.progress())
+        return verdict
+
+    monkeypatch.setattr(trigger_module, "assess", recording_assess)
+
+    async def wait_through_restart(captured):
         trigger = JobCompleteTrigger(kubernetes_conn_id=kube_conn, deadline=time.time() + 180, **launched)
         waiting = asyncio.create_task(first_event(trigger))
-        await asyncio.sleep(1)  # the watch is open
+        # restart only once the watch is open: the trigger has its first progress (the Job listed and assessed)
+        # and the API server holds a watch on that Job (the controllers' watches on jobs are cluster-wide)
+        deadline = time.monotonic() + 60
+        watches = 0.0
+        while not (progress and (watches := await asyncio.to_thread(namespaced_job_watches, cluster)) >= 1):
+            assert not waiting.done(), f"the trigger ended before its watch was seen open (progress {progress}, " \
+                                       f"namespaced job watches {watches})"
+            assert time.monotonic() < deadline, f"the trigger's watch did not open (progress: {progress})"
+            await asyncio.sleep(0.1)
         away = await asyncio.to_thread(cluster.restart_apiserver)
         return away, await asyncio.wait_for(waiting, timeout=150)
 
     with structlog.testing.capture_logs() as captured:
-        away, event = asyncio.run(wait_through_restart())
+        away, event = asyncio.run(wait_through_restart(captured))
     assert event["status"] == "succeeded" and event["assessment"]["succeeded"] == 4, event
     reconnects = [m for m in logged(caplog, captured) if "reconnecting" in m or "410" in m]
     print(f"\nkube-apiserver away {away:.1f} s; the trigger logged: {reconnects}")
