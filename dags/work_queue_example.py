@@ -2,7 +2,7 @@
 
 start the broker if needed -> declare the queue -> fill it (one message per item) -> run the Job
 -> wait until it is Complete and the queue is empty -> delete the queue (a teardown: it runs
-whatever happened, and a failure upstream still fails the run).
+whatever happened, and a failure upstream still fails the run; a queue with items left is kept).
 
 Trigger it from the UI to get a form (items, parallelism, image, namespace); scheduled runs use
 the defaults. Every run gets its own queue, so scheduled and manual runs never share one.
@@ -86,7 +86,11 @@ with DAG(
     )
 
     # A teardown: runs whatever happened upstream, and doesn't hide a failure from the run's state.
-    delete_queue = DeleteQueueOperator(task_id="delete_queue", queue_name=QUEUE).as_teardown(setups=declare_queue)
+    # It deletes nothing unprocessed: a queue with items left (a failed run) is kept, and its log says
+    # how many and how to finish them (clear the run's failed tasks); keep_if_not_empty=False would delete them.
+    delete_queue = DeleteQueueOperator(
+        task_id="delete_queue", queue_name=QUEUE, keep_if_not_empty=True,
+    ).as_teardown(setups=declare_queue)
 
     start_broker >> declare_queue >> fill_queue >> run_job >> wait_for_job >> delete_queue
 # [END work_queue_example]

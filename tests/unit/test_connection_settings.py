@@ -90,3 +90,29 @@ def test_pika_errors_are_translated(error, kind, fragment):
     assert not isinstance(translated, pika.exceptions.AMQPError)
     assert fragment in str(translated) and "h:1234" in str(translated)
     assert "pw-xyz" not in str(translated)
+
+
+def test_the_outage_window_is_read_from_extras_and_urls():
+    assert BrokerSettings(host="h").outage_window == 300
+    assert BrokerSettings.from_url("amqp://h/?outage_window=4.5").outage_window == 4.5
+    assert BrokerSettings(host="h").with_options({"outage_window": "0"}).outage_window == 0
+    with pytest.raises(ConfigurationError, match="outage_window=-1.0 must not be negative"):
+        BrokerSettings.from_url("amqp://h/?outage_window=-1")
+
+
+def test_only_outages_are_transient():
+    import socket
+    import ssl
+
+    from workqueue_provider.amqp.connection import is_transient
+
+    settings = BrokerSettings(host="h")
+    refused = pika.exceptions.AMQPConnectionError(ConnectionRefusedError(111, "Connection refused"))
+    assert is_transient(translate_connect_error(settings, refused))
+    assert is_transient(pika.exceptions.StreamLostError("lost"))
+    assert is_transient(pika.exceptions.ConnectionClosedByBroker(320, "CONNECTION_FORCED - shutdown"))
+    assert not is_transient(translate_connect_error(settings, pika.exceptions.ProbableAuthenticationError("403")))
+    assert not is_transient(translate_connect_error(settings, socket.gaierror(-2, "Name or service not known")))
+    assert not is_transient(translate_connect_error(settings, ssl.SSLError("CERTIFICATE_VERIFY_FAILED")))
+    assert not is_transient(pika.exceptions.ChannelClosedByBroker(404, "NOT_FOUND - no queue"))
+    assert not is_transient(ConfigurationError("bad input"))

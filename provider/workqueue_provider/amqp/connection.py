@@ -27,9 +27,10 @@ from workqueue_provider.exceptions import (
 
 AMQP_PORT = 5672
 AMQPS_PORT = 5671
+DEFAULT_OUTAGE_WINDOW = 300.0  # a broker restart, upgrade or node reboot takes minutes, not hours
 
 # Options accepted both as connection extras and as URL query parameters.
-_FLOAT_OPTIONS = ("blocked_connection_timeout", "retry_delay", "socket_timeout", "stack_timeout")
+_FLOAT_OPTIONS = ("blocked_connection_timeout", "retry_delay", "socket_timeout", "stack_timeout", "outage_window")
 _INT_OPTIONS = ("heartbeat", "connection_attempts")
 _TLS_FILE_OPTIONS = {"ca_certs": "ca_file", "cafile": "ca_file", "ca_file": "ca_file",
                      "certfile": "cert_file", "cert_file": "cert_file",
@@ -59,6 +60,7 @@ class BrokerSettings:
     retry_delay: float = 1.0
     socket_timeout: float = 10.0
     stack_timeout: float = 15.0
+    outage_window: float = DEFAULT_OUTAGE_WINDOW  # seconds the Airflow side rides out a broker outage
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -69,8 +71,9 @@ class BrokerSettings:
                      "stack_timeout"):
             if getattr(self, name) <= 0 and not (name == "heartbeat" and self.heartbeat == 0):
                 raise ConfigurationError(f"Broker option {name}={getattr(self, name)!r} must be positive.")
-        if self.retry_delay < 0:
-            raise ConfigurationError(f"Broker option retry_delay={self.retry_delay!r} must not be negative.")
+        for name in ("retry_delay", "outage_window"):
+            if not getattr(self, name) >= 0:
+                raise ConfigurationError(f"Broker option {name}={getattr(self, name)!r} must not be negative.")
 
     @property
     def effective_port(self) -> int:
@@ -184,7 +187,14 @@ def _parse_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def translate_connect_error(settings: BrokerSettings, error: BaseException) -> BrokerError:
-    """Turn a pika/socket connection failure into an error that names host, port and the fix."""
+    """Turn a pika/socket connection failure into an error that names host, port and the fix; the
+    original error is its ``__cause__`` (see :func:`is_transient`)."""
+    translated = _translate_connect_error(settings, error)
+    translated.__cause__ = error
+    return translated
+
+
+def _translate_connect_error(settings: BrokerSettings, error: BaseException) -> BrokerError:
     if isinstance(error, pika.exceptions.ProbableAuthenticationError):
         return BrokerAuthError(
             f"The broker at {settings.address} refused the credentials of user {settings.login!r}: "
@@ -209,6 +219,47 @@ def translate_connect_error(settings: BrokerSettings, error: BaseException) -> B
         f"The broker at {settings.address} did not answer ({_short(error)}) after "
         f"{settings.connection_attempts} attempt(s): check that RabbitMQ runs there and the host and port are right."
     )
+
+
+# Errors that won't go away by waiting: wrong credentials or vhost, an unknown host name, TLS failures.
+_PERMANENT = (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError,
+              socket.gaierror, ssl.SSLError, BrokerAuthError, ConfigurationError)
+# Errors of a broker that is down, restarting or unreachable, or of a connection it dropped.
+_OUTAGE = (pika.exceptions.AMQPConnectionError, pika.exceptions.ConnectionWrongStateError,
+           pika.exceptions.ChannelWrongStateError, ConnectionError, TimeoutError)
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) is a broker outage worth waiting out: no answer, a refused
+    or dropped connection, a broker shutting down. Not a refusal of credentials, an unknown host, a
+    TLS failure, a missing queue or bad input: those fail at once."""
+    chain = _causes(error)
+    if any(isinstance(e, _PERMANENT) or "TLS handshake" in str(e) for e in chain):
+        return False
+    return any(isinstance(e, _OUTAGE) for e in chain)
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or (current.args[0] if current.args and isinstance(current.args[0], BaseException)
+                                        else None)
+    return chain
+
+
+def broker_version(connection: Any) -> tuple[int, ...]:
+    """The broker's version from the connection's server properties, e.g. (4, 0, 5); () if unknown."""
+    impl = getattr(connection, "_impl", connection)
+    version = (getattr(impl, "server_properties", None) or {}).get("version", b"")
+    text = version.decode() if isinstance(version, bytes) else str(version)
+    numbers = []
+    for part in text.split("."):
+        if not part.isdigit():
+            break
+        numbers.append(int(part))
+    return tuple(numbers)
 
 
 def _short(error: BaseException) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -32,6 +31,8 @@ PERSISTENT = pika.DeliveryMode.Persistent
 
 ProgressCallback = Callable[[int, float], None]
 """Called with (items confirmed so far, seconds elapsed)."""
+MessageIds = Callable[[int], str]
+"""The message id of the ``index``-th message (0-based), e.g. :func:`~workqueue_provider.amqp.receipts.message_id_for`."""
 
 
 @dataclass
@@ -49,18 +50,20 @@ class _ConfirmedPublish:
 
     def __init__(self, settings: BrokerSettings, routing_key: str, bodies: Iterator[bytes], total: int,
                  window: int, properties: pika.BasicProperties, on_progress: ProgressCallback | None,
-                 progress_every: float):
+                 progress_every: float, message_ids: MessageIds | None = None):
         self.settings = settings
         self.routing_key = routing_key
         self.bodies = bodies
         self.total = total
         self.window = window
-        self.properties = properties
+        self.properties = properties  # one object; only message_id changes (pika encodes it at each publish)
+        self.message_ids = message_ids
         self.on_progress = on_progress
         self.progress_every = progress_every
         self.published = 0
         self.confirmed = 0
-        self.unconfirmed_sizes: deque[int] = deque()  # body sizes of messages published, not yet confirmed
+        self.refused = 0  # nacked by the broker (a full queue with x-overflow=reject-publish, ...)
+        self.unconfirmed: dict[int, int] = {}  # delivery tag -> body size, of messages not yet acked or nacked
         self.unconfirmed_bytes = 0
         self.exhausted = False
         self.error: BaseException | None = None
@@ -111,6 +114,7 @@ class _ConfirmedPublish:
                 f"({reason}); retrying the fill republishes every item exactly once",
                 confirmed=self.confirmed, total=self.total,
             )
+            self.error.__cause__ = reason  # a lost connection: transient (connection.is_transient)
         connection.ioloop.stop()
 
     def _on_connection_open(self, connection: pika.SelectConnection) -> None:
@@ -124,50 +128,73 @@ class _ConfirmedPublish:
 
     def _on_channel_closed(self, _channel: pika.channel.Channel, reason: BaseException) -> None:
         if not self._done():
-            self._fail(PublishError(f"The broker at {self.settings.address} closed the channel publishing to queue "
-                                    f"{self.routing_key!r} ({reason}); retrying the fill republishes every item "
-                                    "exactly once",
-                                    confirmed=self.confirmed, total=self.total))
+            error = PublishError(f"The broker at {self.settings.address} closed the channel publishing to queue "
+                                 f"{self.routing_key!r} ({reason}); retrying the fill republishes every item exactly once",
+                                 confirmed=self.confirmed, total=self.total)
+            error.__cause__ = reason  # a connection closed under it is transient (connection.is_transient)
+            self._fail(error)
         else:
             self._close()
 
     # -- publishing ------------------------------------------------------------------------------
     def _done(self) -> bool:
-        return self.exhausted and self.confirmed == self.published
+        return self.exhausted and not self.unconfirmed
 
     def _pump(self) -> None:
         assert self.channel is not None
-        while (not self.exhausted and self.published - self.confirmed < self.window
+        while (not self.exhausted and len(self.unconfirmed) < self.window
                and self.unconfirmed_bytes < MAX_UNCONFIRMED_BYTES and self.error is None):
             body = next(self.bodies, None)
             if body is None:
                 self.exhausted = True
                 break
+            if self.message_ids is not None:
+                self.properties.message_id = self.message_ids(self.published)
             self.channel.basic_publish("", self.routing_key, body, self.properties, mandatory=True)
-            self.published += 1
-            self.unconfirmed_sizes.append(len(body))
+            self.published += 1  # = the message's delivery tag: tags count from 1 in publish order
+            self.unconfirmed[self.published] = len(body)
             self.unconfirmed_bytes += len(body)
         if self._done() and self.error is None:
+            if self.refused:
+                self._fail(self._refusal())
+                return
             self._report(force=True)
             self.channel.close()
 
     def _on_confirm(self, frame: pika.frame.Method) -> None:
         method = frame.method
-        if isinstance(method, Basic.Nack):
-            self._fail(PublishError(
-                f"The broker refused (nack) message {method.delivery_tag} for queue {self.routing_key!r}",
-                confirmed=self.confirmed, total=self.total,
-            ))
-            return
         if self.error is not None:
             return
-        # Delivery tags count from 1 in publish order; `multiple` acks everything up to the tag.
-        confirmed = method.delivery_tag if method.multiple else self.confirmed + 1
-        for _ in range(confirmed - self.confirmed):
-            self.unconfirmed_bytes -= self.unconfirmed_sizes.popleft()
-        self.confirmed = confirmed
+        settled = self._settle(method.delivery_tag, method.multiple)
+        if isinstance(method, Basic.Nack):
+            self.refused += settled
+            self.exhausted = True  # publish no more; wait for the confirms in flight, then fail (_pump)
+        else:
+            self.confirmed += settled
         self._report()
         self._pump()
+
+    def _settle(self, tag: int, multiple: bool) -> int:
+        """Forget the messages a confirm settles (``multiple``: every one up to ``tag``; confirms may
+        come out of order: nacks of a full queue before the acks of what it stored); how many."""
+        tags = [tag] if not multiple else []
+        if multiple:
+            for unsettled in self.unconfirmed:  # in publish order
+                if unsettled > tag:
+                    break
+                tags.append(unsettled)
+        for settled in tags:
+            self.unconfirmed_bytes -= self.unconfirmed.pop(settled, 0)
+        return len(tags)
+
+    def _refusal(self) -> PublishError:
+        return PublishError(
+            f"The broker refused {self.refused} of the {self.published} messages published to queue "
+            f"{self.routing_key!r} (nack), so {self.total - self.confirmed} items are not in the queue: it is full "
+            "(x-max-length with x-overflow=reject-publish: raise max_length above the item count, or fill it "
+            "in smaller batches) or the broker is out of resources; retrying the fill republishes every item",
+            confirmed=self.confirmed, total=self.total,
+        )
 
     def _on_return(self, _channel: object, _method: object, _properties: object, _body: bytes) -> None:
         self._fail(PublishError(
@@ -185,17 +212,19 @@ class _ConfirmedPublish:
 
 def publish(settings: BrokerSettings, routing_key: str, bodies: Iterable[bytes], *, total: int,
             window: int = DEFAULT_WINDOW, content_type: str | None = None,
-            headers: dict[str, str] | None = None, on_progress: ProgressCallback | None = None, progress_every: float = 5.0) -> PublishResult:
+            headers: dict[str, str] | None = None, on_progress: ProgressCallback | None = None, progress_every: float = 5.0,
+            message_ids: MessageIds | None = None) -> PublishResult:
     """Publish every body as a persistent message to the default exchange, routed to ``routing_key``.
 
+    Every message carries ``headers``, and with ``message_ids`` the message id ``message_ids(index)``.
     Returns once the broker has confirmed all of them. Raises :class:`PublishError` (saying how many
-    were confirmed) on a nack, an unroutable message, or a lost connection.
+    were confirmed) on a nack (with how many were refused), an unroutable message, or a lost connection.
     """
     if window <= 0:
         raise ConfigurationError(f"window={window!r} must be a positive number of messages in flight.")
     properties = pika.BasicProperties(delivery_mode=PERSISTENT, content_type=content_type, headers=headers)
     run = _ConfirmedPublish(settings, routing_key, iter(bodies), total, window, properties,
-                            on_progress, progress_every)
+                            on_progress, progress_every, message_ids)
     try:
         result = run.run()
     except (pika.exceptions.AMQPError, OSError) as e:

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
+from workqueue_provider.amqp.connection import broker_version
 from workqueue_provider.exceptions import (
     BrokerError,
     ConfigurationError,
@@ -19,6 +20,9 @@ from workqueue_provider.exceptions import (
 QueueType = Literal["quorum", "classic"]
 QUEUE_TYPES: tuple[str, ...] = ("quorum", "classic")
 MAX_QUEUE_NAME_BYTES = 255
+DEAD_LETTER_SUFFIX = ".dead"
+UNLIMITED_DELIVERIES = -1  # x-delivery-limit on RabbitMQ >= 4.0: no limit (4.0 defaults quorum queues to 20)
+SAFE_OVERFLOWS = ("reject-publish", "reject-publish-dlx")  # a full queue refuses new items, never drops old ones
 
 # Our option name -> RabbitMQ's optional queue argument.
 _ARGUMENT_NAMES = {
@@ -74,14 +78,54 @@ class QueueSpec:
             )
         if self.dead_letter_routing_key and self.dead_letter_exchange is None:
             raise ConfigurationError("dead_letter_routing_key needs dead_letter_exchange ('' is the default exchange).")
+        overflow = self.extra_arguments.get("x-overflow")
+        if overflow is not None and overflow not in SAFE_OVERFLOWS:
+            raise ConfigurationError(
+                f"x-overflow={overflow!r} for queue {self.name!r} drops the oldest items silently when the queue is "
+                "full: leave it out (a full queue then refuses new items, and the fill fails naming how many)."
+            )
+        if self.drops_items and not self.dead_letters:
+            raise ConfigurationError(
+                f"Queue {self.name!r} would drop items without a trace ({self.drops_items}): give it a dead-letter "
+                f"queue (DeclareQueueOperator wires '{self.name}{DEAD_LETTER_SUFFIX}' unless told dead_letter_queue=) "
+                "or a dead_letter_exchange."
+            )
 
-    def arguments(self) -> dict[str, Any]:
+    @property
+    def drops_items(self) -> str | None:
+        """What makes the broker remove items no worker processed (a delivery limit, a TTL), or None."""
+        args = self._given_arguments()
+        limit = args.get("x-delivery-limit")
+        if isinstance(limit, int) and limit >= 0:
+            return f"x-delivery-limit={limit}"
+        if "x-message-ttl" in args:
+            return f"x-message-ttl={args['x-message-ttl']}"
+        return None
+
+    @property
+    def dead_letters(self) -> bool:
+        """Whether removed items go to a dead-letter exchange."""
+        return "x-dead-letter-exchange" in self._given_arguments()
+
+    def _given_arguments(self) -> dict[str, Any]:
         args: dict[str, Any] = {"x-queue-type": self.queue_type}
         for option, argument in _ARGUMENT_NAMES.items():
             value = getattr(self, option)
             if value is not None:
                 args[argument] = value
         args.update(self.extra_arguments)
+        return args
+
+    def arguments(self, broker: tuple[int, ...] = ()) -> dict[str, Any]:
+        """The queue arguments to declare on a broker of version ``broker``: what was asked, plus
+        ``x-overflow: reject-publish`` with a length limit (RabbitMQ would drop from the head), and on
+        RabbitMQ >= 4.0 an explicit unlimited delivery limit for quorum queues unless one was asked
+        (4.0 would apply 20 and drop the item after that)."""
+        args = self._given_arguments()
+        if ("x-max-length" in args or "x-max-length-bytes" in args) and "x-overflow" not in args:
+            args["x-overflow"] = "reject-publish"
+        if self.queue_type == "quorum" and "x-delivery-limit" not in args and broker >= (4,):
+            args["x-delivery-limit"] = UNLIMITED_DELIVERIES
         return args
 
 
@@ -124,7 +168,7 @@ def _close_reason(error: pika.exceptions.ChannelClosedByBroker) -> tuple[int, st
 def declare(connection: Any, spec: QueueSpec, *, vhost: str = "/") -> QueueDepth:
     """Declare ``spec`` durably. Idempotent; an existing queue with other arguments raises
     :class:`QueueMismatchError` listing every differing argument, and is left untouched."""
-    wanted = spec.arguments()
+    wanted = spec.arguments(broker_version(connection))
     differences: dict[str, tuple[object, object]] = {}
     probe = dict(wanted)
     # Each refusal names one differing argument; adopt the existing value and ask again to find the rest.
@@ -198,18 +242,4 @@ def delete(connection: Any, name: str) -> int | None:
 
 
 FILL_HEADER = "x-workqueue-fill"
-"""Header naming the fill (DAG, task, run) that published a message; lets a retry recognise its own."""
-
-
-def first_message_fill(connection: Any, name: str) -> str | None:
-    """The fill id of the queue's first ready message, or None. The message is put back at once."""
-    channel: BlockingChannel = connection.channel()
-    method, properties, _body = channel.basic_get(validate_queue_name(name), auto_ack=False)
-    if method is None:
-        channel.close()
-        return None
-    headers = properties.headers or {}
-    channel.basic_nack(method.delivery_tag, requeue=True)
-    channel.close()
-    value = headers.get(FILL_HEADER)
-    return value.decode() if isinstance(value, bytes) else value
+"""Header naming the fill (DAG, task, run) that published a message; receipts carry it too (receipts.py)."""

@@ -36,6 +36,10 @@ RECORD_HEADER = "x-workqueue-record"  # "fill" or "processed"
 COUNT_HEADER = "x-workqueue-count"  # on a fill record: items published
 FILL_RECORD = "fill"
 PROCESSED_RECORD = "processed"
+CONSUMER_RECORD = "consumer"  # a workqueue-consume process started on the queue (receipts are being kept)
+STARTED_RECORD = "filling"  # written before a fill publishes: COUNT_HEADER = items it sets out to publish
+STOPPED_RECORD = "stopped"  # an attempt that failed: CONFIRMED_HEADER confirmed, COUNT_HEADER = the depth it left
+CONFIRMED_HEADER = "x-workqueue-confirmed"
 _PERSISTENT = pika.DeliveryMode.Persistent
 _READ_PREFETCH = 1000
 
@@ -60,6 +64,13 @@ class Account:
     duplicated: int  # receipts beyond the first for an item: processed more than once
     dead_lettered: int
     left: int  # still ready in the queue
+    consumers: int = 0  # receipt-keeping consumers that started on the queue
+
+    @property
+    def kept(self) -> bool:
+        """Whether the workers keep receipts (workqueue-consume). If not (plain amqp-consume), ``processed``
+        is always 0 and the account can't tell processed items from lost ones."""
+        return self.consumers > 0 or self.processed > 0
 
     @property
     def lost(self) -> int:
@@ -111,9 +122,94 @@ def record_fill(connection: Any, queue_name: str, fill_id: str, count: int) -> N
     channel.close()
 
 
+# -- telling a retry's own messages from others', without touching the work queue ------------------
+def record_fill_started(connection: Any, queue_name: str, fill_id: str, count: int) -> None:
+    """Write that ``fill_id`` sets out to publish ``count`` items (after :func:`reset`, before publishing)."""
+    _publish_record(connection, queue_name, {RECORD_HEADER: STARTED_RECORD, FILL_HEADER: fill_id, COUNT_HEADER: count})
+
+
+def record_fill_stopped(connection: Any, queue_name: str, fill_id: str, confirmed: int, depth: int) -> None:
+    """Write that an attempt of ``fill_id`` failed with ``confirmed`` items confirmed, leaving the queue
+    ``depth`` deep (its confirmed messages plus those whose confirm never came but were stored)."""
+    _publish_record(connection, queue_name, {RECORD_HEADER: STOPPED_RECORD, FILL_HEADER: fill_id,
+                                             COUNT_HEADER: depth, CONFIRMED_HEADER: confirmed})
+
+
+@dataclass(frozen=True)
+class FillTrace:
+    """What the ledger says of the last fill of a queue."""
+
+    fill_id: str
+    count: int  # items it set out to publish
+    complete: bool  # all of them confirmed (a fill record)
+    depth_at_stop: int | None  # a failed attempt's depth right after it stopped (a stopped record)
+    processed: int  # distinct items a worker finished (each took one of its messages out)
+
+    def explains(self, depth: int) -> bool:
+        """Whether a queue ``depth`` deep holds nothing but this fill's messages, as far as counts tell:
+        all its items less those processed (a complete fill), or the depth its failed attempt left; with
+        neither recorded (the attempt died unrecorded), no more than the items it set out to publish
+        into the empty queue it started on."""
+        if self.complete:
+            return depth == self.count - self.processed
+        if self.depth_at_stop is not None:
+            return depth == self.depth_at_stop
+        return depth <= self.count
+
+
+def last_fill(connection: Any, queue_name: str) -> FillTrace | None:
+    """The ledger's account of the last fill of ``queue_name`` (read without consuming), or None."""
+    try:
+        records = _read_all(connection, receipts_queue(queue_name))
+    except QueueNotFoundError:
+        return None
+    started = finished = stopped = None
+    for headers, _message_id in records:
+        kind = _text(headers.get(RECORD_HEADER))
+        if kind == STARTED_RECORD:
+            started, finished, stopped = headers, None, None
+        elif kind == FILL_RECORD:
+            finished = headers
+        elif kind == STOPPED_RECORD:
+            stopped = headers
+    if started is None:
+        return None
+    fill_id = _text(started.get(FILL_HEADER)) or ""
+    processed = {message_id for headers, message_id in records
+                 if _text(headers.get(RECORD_HEADER)) == PROCESSED_RECORD and _text(headers.get(FILL_HEADER)) == fill_id}
+    return FillTrace(fill_id=fill_id, count=int(started.get(COUNT_HEADER) or 0), complete=finished is not None,
+                     depth_at_stop=None if stopped is None else int(stopped.get(COUNT_HEADER) or 0),
+                     processed=len(processed))
+
+
+def _publish_record(connection: Any, queue_name: str, headers: dict[str, Any]) -> None:
+    channel = connection.channel()
+    channel.confirm_delivery()
+    try:
+        channel.basic_publish("", receipts_queue(queue_name), b"",
+                              pika.BasicProperties(delivery_mode=_PERSISTENT, headers=headers), mandatory=True)
+    except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as e:
+        raise BrokerError(f"The broker refused a record of queue {queue_name!r} ({e!r}): "
+                          f"does {receipts_queue(queue_name)!r} exist?") from e
+    channel.close()
+
+
 # -- the worker side -------------------------------------------------------------------------------
 class NoLedger(Exception):
     """The queue has no receipts queue: it wasn't filled by FillQueueOperator."""
+
+
+def record_consumer(channel: BlockingChannel, queue_name: str) -> None:
+    """Write that a receipt-keeping consumer started on the queue, so that a run whose items all vanished
+    before any worker took one is told from a run whose workers keep no receipts (plain amqp-consume).
+    The channel must be in confirm mode. Raises :class:`NoLedger` if ``Q.receipts`` is missing."""
+    try:
+        channel.basic_publish("", receipts_queue(queue_name), b"",
+                              pika.BasicProperties(delivery_mode=_PERSISTENT,
+                                                   headers={RECORD_HEADER: CONSUMER_RECORD}),
+                              mandatory=True)
+    except pika.exceptions.UnroutableError as e:
+        raise NoLedger(receipts_queue(queue_name)) from e
 
 
 def record_processed(channel: BlockingChannel, queue_name: str, properties: pika.BasicProperties) -> None:
@@ -143,6 +239,7 @@ def read_account(connection: Any, queue_name: str, dead_letter_queue: str | None
     fill_id = _text(fills[-1].get(FILL_HEADER))
     seen: set[str | None] = set()
     receipts = 0
+    consumers = sum(1 for headers, _ in records if _text(headers.get(RECORD_HEADER)) == CONSUMER_RECORD)
     for headers, message_id in records:
         if headers.get(RECORD_HEADER) == PROCESSED_RECORD and _text(headers.get(FILL_HEADER)) == fill_id:
             receipts += 1
@@ -150,7 +247,7 @@ def read_account(connection: Any, queue_name: str, dead_letter_queue: str | None
     left = depth(connection, queue_name).messages
     dead = depth(connection, dead_letter_queue).messages if dead_letter_queue else 0
     return Account(fill_id=fill_id or "", filled=int(fills[-1].get(COUNT_HEADER) or 0), processed=len(seen),
-                   duplicated=receipts - len(seen), dead_lettered=dead, left=left)
+                   duplicated=receipts - len(seen), dead_lettered=dead, left=left, consumers=consumers)
 
 
 def _read_all(connection: Any, name: str) -> list[tuple[dict[str, Any], str | None]]:

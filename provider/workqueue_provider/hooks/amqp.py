@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from functools import cached_property
-from typing import Any
+from typing import Any, TypeVar
 
 from airflow.sdk import BaseHook
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
-from workqueue_provider.amqp import queues
-from workqueue_provider.amqp.connection import BrokerSettings, open_connection
+from workqueue_provider.amqp import queues, receipts
+from workqueue_provider.amqp.connection import BrokerSettings, is_transient, open_connection
 from workqueue_provider.amqp.publisher import DEFAULT_WINDOW, ProgressCallback, PublishResult, publish
 from workqueue_provider.amqp.queues import QueueDepth, QueueSpec
 from workqueue_provider.connection_form import EXTRA_FIELDS, UI_BEHAVIOUR
-from workqueue_provider.exceptions import WorkQueueError
+from workqueue_provider.exceptions import BrokerUnreachableError, PublishError, WorkQueueError
+
+T = TypeVar("T")
+_SETTLE_READS, _SETTLE_SECONDS = 20, 0.25  # a failed fill's depth: read until two readings agree (<= 5 s)
 
 
 def amqp_connection(conn_id: str) -> Any:
@@ -32,10 +37,17 @@ class AmqpHook(BaseHook):
     """Talks to RabbitMQ through pika. Nothing connects until a method is called; each call opens
     one connection and always closes it.
 
+    Broker outages are ridden out: declare, depth, purge and delete (and a fill, through
+    :meth:`ride_out`) retry a broker that doesn't answer or drops the connection (a restart, an
+    upgrade, a node reboot) with exponential backoff for up to ``outage_window`` seconds, logging
+    each retry, then fail naming the broker and how long it was unreachable. Wrong credentials, an
+    unknown host, TLS failures, a missing queue and bad input fail at once.
+
     :param amqp_conn_id: Airflow connection: host, port, login, password, schema = vhost, extras
-        for TLS (``ssl``, ``ca_certs``, ``certfile``, ``keyfile``, ``verify``, ``server_hostname``)
-        and timeouts (``heartbeat``, ``blocked_connection_timeout``, ``connection_attempts``,
-        ``retry_delay``, ``socket_timeout``).
+        for TLS (``ssl``, ``ca_certs``, ``certfile``, ``keyfile``, ``verify``, ``server_hostname``),
+        timeouts (``heartbeat``, ``blocked_connection_timeout``, ``connection_attempts``,
+        ``retry_delay``, ``socket_timeout``) and ``outage_window`` (seconds to ride out a broker
+        outage, default 300; 0 fails at the first error).
     """
 
     conn_name_attr = "amqp_conn_id"
@@ -46,6 +58,7 @@ class AmqpHook(BaseHook):
     def __init__(self, amqp_conn_id: str = default_conn_name, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.amqp_conn_id = amqp_conn_id
+        self._riding_out = False
 
     @classmethod
     def get_connection_form_widgets(cls) -> dict[str, Any]:
@@ -108,34 +121,119 @@ class AmqpHook(BaseHook):
         except WorkQueueError as e:
             return False, str(e)
 
+    # -- broker outages ---------------------------------------------------------------------------
+    def ride_out(self, what: str, call: Callable[[], T]) -> T:
+        """``call()``, retried while the broker is unreachable, for up to the connection's
+        ``outage_window``. ``what`` ("declaring queue 'q'") goes into the log and the final error.
+        Nested calls (a ridden-out call using other hook methods) are ridden out once, by the outermost."""
+        if self._riding_out:
+            return call()
+        window = self.settings.outage_window
+        started = time.monotonic()
+        retrying = Retrying(retry=retry_if_exception(is_transient), stop=stop_after_delay(window),
+                            wait=wait_exponential(multiplier=0.5, max=15), reraise=True,
+                            before_sleep=lambda state: self._log_outage(state, what, started))
+        self._riding_out = True
+        try:
+            return retrying(call)
+        except Exception as e:
+            if window and is_transient(e):
+                raise self._outage_error(e, what, time.monotonic() - started) from e
+            raise
+        finally:
+            self._riding_out = False
+
+    def _log_outage(self, state: RetryCallState, what: str, started: float) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        self.log.warning("The broker %s is unreachable while %s (%s); retrying in %.1f s (%.0f s of the %g s "
+                         "outage window used).", self.settings.describe(), what, str(error)[:300],
+                         state.upcoming_sleep, time.monotonic() - started, self.settings.outage_window)
+
+    def _outage_error(self, error: BaseException, what: str, seconds: float) -> Exception:
+        message = (f"The broker at {self.settings.address} was unreachable for {seconds:.0f} s while {what}, longer "
+                   f"than the outage window ({self.settings.outage_window:g} s; the connection's outage_window "
+                   "extra)")
+        if isinstance(error, PublishError):
+            counts = f" ({error.confirmed} of {error.total} items were confirmed before the failure)"
+            return PublishError(f"{message}: {str(error).removesuffix(counts)}", confirmed=error.confirmed,
+                                total=error.total)
+        return BrokerUnreachableError(f"{message}: {error}")
+
+    def _with_connection(self, what: str, call: Callable[[Any], T]) -> T:
+        """``call(connection)`` on a fresh connection, riding out outages."""
+        def attempt() -> T:
+            with self.connection() as connection:
+                return call(connection)
+        return self.ride_out(what, attempt)
+
+    # -- queues ------------------------------------------------------------------------------------
     def declare_queue(self, spec: QueueSpec) -> QueueDepth:
-        with self.connection() as connection:
-            return queues.declare(connection, spec, vhost=self.settings.vhost)
+        return self._with_connection(f"declaring queue {spec.name!r}",
+                                     lambda c: queues.declare(c, spec, vhost=self.settings.vhost))
 
     def queue_depth(self, queue_name: str) -> QueueDepth:
-        with self.connection() as connection:
-            return queues.depth(connection, queue_name, vhost=self.settings.vhost)
-
-    def first_message_fill(self, queue_name: str) -> str | None:
-        """Which fill published the queue's first ready message (None if empty or untagged)."""
-        with self.connection() as connection:
-            return queues.first_message_fill(connection, queue_name)
+        return self._with_connection(f"reading the depth of queue {queue_name!r}",
+                                     lambda c: queues.depth(c, queue_name, vhost=self.settings.vhost))
 
     def purge_queue(self, queue_name: str) -> int:
-        with self.connection() as connection:
-            return queues.purge(connection, queue_name)
+        return self._with_connection(f"purging queue {queue_name!r}", lambda c: queues.purge(c, queue_name))
 
     def delete_queue(self, queue_name: str) -> int | None:
-        with self.connection() as connection:
-            return queues.delete(connection, queue_name)
+        return self._with_connection(f"deleting queue {queue_name!r}", lambda c: queues.delete(c, queue_name))
 
     def publish(self, queue_name: str, bodies: Iterable[bytes], *, total: int, window: int = DEFAULT_WINDOW,
                 content_type: str | None = None, headers: dict[str, str] | None = None,
                 on_progress: ProgressCallback | None = None,
-                progress_every: float = 5.0) -> PublishResult:
-        """Publish persistent messages with pipelined confirms; see :func:`~workqueue_provider.amqp.publisher.publish`."""
+                progress_every: float = 5.0, message_ids: Callable[[int], str] | None = None) -> PublishResult:
+        """Publish persistent messages with pipelined confirms; see :func:`~workqueue_provider.amqp.publisher.publish`.
+
+        Not retried on its own (publishing again after a lost connection would duplicate the messages
+        already stored): :class:`~workqueue_provider.operators.queue.FillQueueOperator` rides out an
+        outage by retrying the whole fill, which is exact."""
         return publish(self.settings, queues.validate_queue_name(queue_name), bodies, total=total, window=window,
-                       content_type=content_type, headers=headers, on_progress=on_progress, progress_every=progress_every)
+                       content_type=content_type, headers=headers, on_progress=on_progress,
+                       progress_every=progress_every, message_ids=message_ids)
+
+    # -- the item account's ledger (amqp/receipts.py) ----------------------------------------------
+    def start_ledger(self, queue_name: str, fill_id: str, count: int) -> int:
+        """A new fill of ``queue_name``: declare ``Q.receipts``, drop earlier records, and record that
+        ``fill_id`` sets out to publish ``count`` items. Returns how many earlier records were dropped."""
+        def start(connection: Any) -> int:
+            receipts.declare_receipts(connection, queue_name)
+            dropped = receipts.reset(connection, queue_name)
+            receipts.record_fill_started(connection, queue_name, fill_id, count)
+            return dropped
+        return self._with_connection(f"starting the receipts of queue {queue_name!r}", start)
+
+    def record_fill(self, queue_name: str, fill_id: str, count: int) -> None:
+        """Record that ``count`` items of ``fill_id`` were published and confirmed."""
+        self._with_connection(f"recording the fill of queue {queue_name!r}",
+                              lambda c: receipts.record_fill(c, queue_name, fill_id, count))
+
+    def record_fill_stopped(self, queue_name: str, fill_id: str, confirmed: int) -> int:
+        """Record a failed attempt and the depth it left (once the depth stops changing: a lost
+        connection's last messages may still be being stored). Not ridden out: called while failing.
+        Returns that depth."""
+        with self.connection() as connection:
+            depth = queues.depth(connection, queue_name).messages
+            for _ in range(_SETTLE_READS):
+                time.sleep(_SETTLE_SECONDS)
+                again = queues.depth(connection, queue_name).messages
+                if again == depth:
+                    break
+                depth = again
+            receipts.record_fill_stopped(connection, queue_name, fill_id, confirmed, depth)
+            return depth
+
+    def last_fill(self, queue_name: str) -> receipts.FillTrace | None:
+        """What the ledger of ``queue_name`` says of its last fill (None without a ledger)."""
+        return self._with_connection(f"reading the receipts of queue {queue_name!r}",
+                                     lambda c: receipts.last_fill(c, queue_name))
+
+    def item_account(self, queue_name: str, dead_letter_queue: str | None = None) -> receipts.Account | None:
+        """Where every item of the last fill went (None without a ledger); see :func:`receipts.read_account`."""
+        return self._with_connection(f"reading the item account of queue {queue_name!r}",
+                                     lambda c: receipts.read_account(c, queue_name, dead_letter_queue))
 
 
 class AmqpsHook(AmqpHook):

@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 from collections.abc import Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+import pika.exceptions
 from airflow.sdk import BaseOperator, XComArg
 
-from workqueue_provider.amqp.publisher import DEFAULT_WINDOW
-from workqueue_provider.amqp.queues import FILL_HEADER, QueueSpec, validate_queue_name
-from workqueue_provider.exceptions import ConfigurationError, ItemSourceError
+from workqueue_provider.amqp import receipts
+from workqueue_provider.amqp.publisher import DEFAULT_WINDOW, PublishResult
+from workqueue_provider.amqp.queues import DEAD_LETTER_SUFFIX, FILL_HEADER, QueueSpec, validate_queue_name
+from workqueue_provider.exceptions import (
+    ConfigurationError,
+    ItemSourceError,
+    PublishError,
+    QueueNotFoundError,
+    WorkQueueError,
+)
 from workqueue_provider.hooks.amqp import AmqpHook
-from workqueue_provider.items import DEFAULT_MAX_MESSAGE_BYTES, ItemEncoder, iter_items, spool_items
+from workqueue_provider.items import DEFAULT_MAX_MESSAGE_BYTES, ItemEncoder, Spool, iter_items, spool_items
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -28,10 +37,21 @@ class DeclareQueueOperator(BaseOperator):
 
     :param queue_name: queue to declare (at most 255 bytes). Templated.
     :param queue_type: ``quorum`` (default: replicated, delivery limits for poison items) or ``classic``.
-    :param dead_letter_queue: also declare this queue and dead-letter rejected or expired items into it.
-    :param delivery_limit: quorum queues: deliveries before an item is dropped or dead-lettered.
-    :param message_ttl_ms: drop (or dead-letter) items older than this.
-    :param max_length: most ready messages the queue holds.
+    Nothing is dropped silently: whenever the broker could remove an item no worker processed (a
+    ``delivery_limit``, a ``message_ttl_ms``, or the same ``x-`` arguments), items go to a
+    dead-letter queue, ``<queue_name>.dead`` unless ``dead_letter_queue`` names another; a
+    ``max_length`` queue refuses new items when full (``x-overflow: reject-publish``) instead of
+    dropping its oldest, so an over-full fill fails naming how many were refused. On RabbitMQ >= 4.0
+    quorum queues are declared with an explicit delivery limit: the one asked for, or unlimited
+    (``x-delivery-limit: -1``) instead of 4.0's default of 20.
+
+    :param queue_name: queue to declare (at most 255 bytes). Templated.
+    :param queue_type: ``quorum`` (default: replicated, delivery limits for poison items) or ``classic``.
+    :param dead_letter_queue: also declare this queue and dead-letter rejected or expired items into
+        it. Templated. Default: none, or ``<queue_name>.dead`` when a delivery limit or TTL applies.
+    :param delivery_limit: quorum queues: deliveries before an item is dead-lettered (default: unlimited).
+    :param message_ttl_ms: dead-letter items older than this.
+    :param max_length: most ready messages the queue holds; a fill beyond it fails (reject-publish).
     :param arguments: any other ``x-`` queue arguments.
     :param amqp_conn_id: the AMQP connection.
     :return: ``{"queue": name, "messages": ready, "consumers": n}`` after the declare.
@@ -65,17 +85,31 @@ class DeclareQueueOperator(BaseOperator):
                 f"arguments rendered to {self.arguments!r:.60} ({type(self.arguments).__name__}), not a mapping: "
                 "give a dict of x- queue arguments, e.g. {'x-max-length': 1000}."
             )
+        dead_letter_queue = self.dead_letter_queue or self._default_dead_letter_queue()
         specs = []
         dlx: dict[str, Any] = {}
-        if self.dead_letter_queue:
-            specs.append(QueueSpec(name=self.dead_letter_queue, queue_type=self.queue_type))  # type: ignore[arg-type]
-            dlx = {"dead_letter_exchange": "", "dead_letter_routing_key": self.dead_letter_queue}
-        specs.append(QueueSpec(
+        if dead_letter_queue:
+            specs.append(QueueSpec(name=dead_letter_queue, queue_type=self.queue_type))  # type: ignore[arg-type]
+            dlx = {"dead_letter_exchange": "", "dead_letter_routing_key": dead_letter_queue}
+        specs.append(self._work_queue_spec(**dlx))
+        return specs
+
+    def _work_queue_spec(self, **dlx: Any) -> QueueSpec:
+        return QueueSpec(
             name=self.queue_name, queue_type=self.queue_type,  # type: ignore[arg-type]
             delivery_limit=self.delivery_limit, message_ttl_ms=self.message_ttl_ms, max_length=self.max_length,
             extra_arguments=dict(self.arguments or {}), **dlx,
-        ))
-        return specs
+        )
+
+    def _default_dead_letter_queue(self) -> str | None:
+        """``<queue>.dead`` when the queue can drop items and has no dead-letter exchange of its own."""
+        spec = self._work_queue_spec(dead_letter_exchange="")  # validates everything but the missing DLX
+        if not spec.drops_items or "x-dead-letter-exchange" in (self.arguments or {}):
+            return None
+        name = validate_queue_name(f"{self.queue_name}{DEAD_LETTER_SUFFIX}")
+        self.log.info("Queue %r can drop items (%s): dead-lettering them into %r (set dead_letter_queue= to "
+                      "choose another).", self.queue_name, spec.drops_items, name)
+        return name
 
     def execute(self, context: Context) -> dict[str, Any]:
         specs = self.queue_specs()
@@ -94,9 +128,16 @@ class FillQueueOperator(BaseOperator):
     encoded into a spool file first, so a bad item fails the task with nothing published, and
     memory stays flat however many items there are.
 
-    Retries are exact: each message carries the fill's id (DAG, task, run). When a retry finds
-    messages from an earlier attempt of the same fill at the head of the queue, it purges them
-    and publishes everything again, so the queue holds exactly one message per item.
+    Every message carries the fill's id (DAG, task, run) in a header and its index as message id;
+    the fill keeps a ledger in ``<queue_name>.receipts`` (what it set out to publish, then what was
+    confirmed), from which workers' receipts add up the item account.
+
+    Retries are exact: when a retry (an Airflow retry, or the fill's own retry after losing the
+    broker) finds messages in the queue, it purges them only if every one is this fill's own: the
+    ledger says this fill published last and the queue holds no more messages than the earlier
+    attempt can have stored. Anything else fails (or is purged with ``on_existing_messages="purge"``).
+    The queue's messages are never peeked at. A broker outage during the fill is ridden out for the
+    connection's ``outage_window`` (default 300 s), then the fill fails naming the broker.
 
     :param queue_name: existing queue to fill. Templated.
     :param items: list / XComArg / callable. Templated (a template must render to a list).
@@ -162,69 +203,139 @@ class FillQueueOperator(BaseOperator):
                     "There are no items to publish: give a non-empty items/items_file, or set allow_empty=True."
                 )
             self.log.info("Encoded %d items (%d bytes) for queue %r.", spool.count, spool.total_bytes, self.queue_name)
-            fill_id = _fill_id(context)
-            self._make_room(fill_id)
-            if spool.count == 0:
-                return 0
-            result = self.hook.publish(
-                self.queue_name, spool.bodies(), total=spool.count, window=self.window,
-                content_type=encoder.content_type, headers={FILL_HEADER: fill_id},
-                on_progress=lambda done, secs: self.log.info(
-                    "Published %d/%d items to %r (%.0f items/s).", done, spool.count, self.queue_name,
-                    done / secs if secs else 0.0),
-                progress_every=self.progress_every,
-            )
+            return self._fill(spool, encoder, _fill_id(context))
+
+    def _fill(self, spool: Spool, encoder: ItemEncoder, fill_id: str) -> int:
+        """Make room, start the ledger, publish, record the fill. A broker outage (a lost connection,
+        no answer) retries all of it within the connection's outage window: exact, as a retry is."""
+        return self.hook.ride_out(f"filling queue {self.queue_name!r}",
+                                  lambda: self._fill_once(spool, encoder, fill_id))
+
+    def _fill_once(self, spool: Spool, encoder: ItemEncoder, fill_id: str) -> int:
+        self._make_room(fill_id)
+        self.hook.start_ledger(self.queue_name, fill_id, spool.count)
+        result = PublishResult(0, 0.0)
+        if spool.count:
+            try:
+                result = self.hook.publish(
+                    self.queue_name, spool.bodies(), total=spool.count, window=self.window,
+                    content_type=encoder.content_type, headers={FILL_HEADER: fill_id},
+                    message_ids=receipts.message_id_for,
+                    on_progress=lambda done, secs: self.log.info(
+                        "Published %d/%d items to %r (%.0f items/s).", done, spool.count, self.queue_name,
+                        done / secs if secs else 0.0),
+                    progress_every=self.progress_every,
+                )
+            except PublishError as e:
+                self._record_stopped(fill_id, e)
+                raise
+        self.hook.record_fill(self.queue_name, fill_id, result.confirmed)
         self.log.info("Published and confirmed %d items to queue %r in %.2f s (%.0f items/s).",
                       result.confirmed, self.queue_name, result.seconds, result.rate)
         return result.confirmed
 
+    def _record_stopped(self, fill_id: str, error: PublishError) -> None:
+        """Tell the next attempt how deep this one left the queue (best effort: with the broker gone
+        the ledger keeps only the start record, and the next attempt goes by the item count)."""
+        with contextlib.suppress(WorkQueueError, pika.exceptions.AMQPError, OSError):
+            depth = self.hook.record_fill_stopped(self.queue_name, fill_id, error.confirmed)
+            self.log.warning("This attempt stopped with %d of %d items confirmed, leaving %d messages in %r.",
+                             error.confirmed, error.total, depth, self.queue_name)
+
     def _make_room(self, fill_id: str) -> None:
-        """Empty the queue of an earlier attempt's messages (retry), or refuse/purge foreign ones."""
-        depth = self.hook.queue_depth(self.queue_name)
-        if depth.messages == 0:
+        """Empty the queue of an earlier attempt's messages (retry), or refuse/purge foreign ones.
+
+        The queue is never peeked at (a peek counts as a delivery of someone else's message): the
+        ledger (``Q.receipts``) says which fill published last and how deep it left the queue; only a
+        queue exactly that deep is purged as this fill's own (see ``receipts.FillTrace.explains``)."""
+        depth = self.hook.queue_depth(self.queue_name).messages
+        if depth == 0:
             return
-        owner = self.hook.first_message_fill(self.queue_name)
-        if owner == fill_id:
+        trace = self.hook.last_fill(self.queue_name)
+        own = trace is not None and trace.fill_id == fill_id
+        if trace is not None and own and trace.explains(depth):
             removed = self.hook.purge_queue(self.queue_name)
-            self.log.warning("Retry: purged %d messages an earlier attempt of this fill left in %r; "
-                             "publishing all items again.", removed, self.queue_name)
+            self.log.warning("Retry: purged the %d messages an earlier attempt of this fill left in %r (its ledger "
+                             "accounts for every one); publishing all items again.", removed, self.queue_name)
         elif self.on_existing_messages == "purge":
             removed = self.hook.purge_queue(self.queue_name)
             self.log.warning("Purged %d messages already in %r (on_existing_messages='purge').", removed,
                              self.queue_name)
+        elif own:
+            raise ConfigurationError(
+                f"Queue {self.queue_name!r} holds {depth} messages, not the number an earlier attempt of this fill "
+                f"left there ({trace}): other producers published to it too, so it is not purged. Use a fresh "
+                "queue per run, or set on_existing_messages='purge' to drop them all."
+            )
         else:
             raise ConfigurationError(
-                f"Queue {self.queue_name!r} already holds {depth.messages} messages that this fill did not publish: "
+                f"Queue {self.queue_name!r} already holds {depth} messages that this fill did not publish: "
                 "use a fresh queue per run, or set on_existing_messages='purge' to drop them."
             )
 
 
 class DeleteQueueOperator(BaseOperator):
-    """Delete a queue (no error if it is already gone); logs how many messages it still held.
+    """Delete a work queue and its receipts (``<queue_name>.receipts``), and on request its
+    dead-letter queue; no error for a queue that is already gone.
 
-    Meant as the DAG's teardown (``.as_teardown(setups=declare)``) so it runs whatever happened upstream.
+    Meant as the DAG's teardown (``.as_teardown(setups=declare)``) so it runs whatever happened
+    upstream. Nothing unprocessed is deleted unless told: a queue still holding messages (or with
+    consumers still attached) is kept, with its receipts, and the log says how many items are left
+    and how to finish them (clear the run's failed tasks); ``keep_if_not_empty=False`` deletes it
+    anyway, logging how many messages went with it.
 
     :param queue_name: queue to delete. Templated.
+    :param dead_letter_queue: also delete this dead-letter queue (kept likewise while it holds
+        dead-lettered items, unless ``keep_if_not_empty=False``). Templated.
+    :param keep_if_not_empty: keep a queue that still holds messages or has consumers (default True).
     :param amqp_conn_id: the AMQP connection.
+    :return: the messages the work queue held (deleted or kept), or None if it didn't exist.
     """
 
-    template_fields: Sequence[str] = ("queue_name",)
+    template_fields: Sequence[str] = ("queue_name", "dead_letter_queue")
     ui_color = "#f0e68c"
 
-    def __init__(self, *, queue_name: str, amqp_conn_id: str = AmqpHook.default_conn_name, **kwargs: Any) -> None:
+    def __init__(self, *, queue_name: str, dead_letter_queue: str | None = None, keep_if_not_empty: bool = True,
+                 amqp_conn_id: str = AmqpHook.default_conn_name, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.queue_name = queue_name
+        self.dead_letter_queue = dead_letter_queue
+        self.keep_if_not_empty = keep_if_not_empty
         self.amqp_conn_id = amqp_conn_id
 
     def execute(self, context: Context) -> int | None:
-        left = AmqpHook(amqp_conn_id=self.amqp_conn_id).delete_queue(validate_queue_name(self.queue_name))
-        if left is None:
-            self.log.info("Queue %r did not exist; nothing to delete.", self.queue_name)
-        elif left:
-            self.log.warning("Deleted queue %r with %d unprocessed messages still in it.", self.queue_name, left)
-        else:
-            self.log.info("Deleted queue %r (it was empty).", self.queue_name)
+        queue = validate_queue_name(self.queue_name)
+        dead_letter_queue = validate_queue_name(self.dead_letter_queue) if self.dead_letter_queue else None
+        if not isinstance(self.keep_if_not_empty, bool):
+            raise ConfigurationError(f"keep_if_not_empty={self.keep_if_not_empty!r} must be True or False.")
+        hook = AmqpHook(amqp_conn_id=self.amqp_conn_id)
+        left, kept = self._delete(hook, queue, "items")
+        if not kept:
+            hook.delete_queue(receipts.receipts_queue(queue))  # the ledger goes with its queue
+        if dead_letter_queue:
+            self._delete(hook, dead_letter_queue, "dead-lettered items")
         return left
+
+    def _delete(self, hook: AmqpHook, name: str, what: str) -> tuple[int | None, bool]:
+        """Delete ``name`` unless it must be kept; returns (the messages it held or None if absent, kept)."""
+        try:
+            found = hook.queue_depth(name)
+        except QueueNotFoundError:
+            self.log.info("Queue %r did not exist; nothing to delete.", name)
+            return None, False
+        if self.keep_if_not_empty and (found.messages or found.consumers):
+            self.log.warning(
+                "Kept queue %r: it still holds %d %s (%d consumers attached). To process them, clear this run's "
+                "failed tasks (in the UI: the run > Clear > only failed tasks), which runs the work again on what "
+                "is left; to discard them, delete the queue (DeleteQueueOperator(keep_if_not_empty=False), or "
+                "rabbitmqctl delete_queue %s).", name, found.messages, what, found.consumers, name)
+            return found.messages, True
+        left = hook.delete_queue(name)
+        if left:
+            self.log.warning("Deleted queue %r with %d %s still in it (keep_if_not_empty=False).", name, left, what)
+        elif left is not None:
+            self.log.info("Deleted queue %r (it was empty).", name)
+        return (found.messages if left is None else left), False
 
 
 def _fill_id(context: Context) -> str:
