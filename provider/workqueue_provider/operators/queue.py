@@ -140,7 +140,9 @@ class FillQueueOperator(BaseOperator):
     connection's ``outage_window`` (default 300 s), then the fill fails naming the broker.
 
     :param queue_name: existing queue to fill. Templated.
-    :param items: list / XComArg / callable. Templated (a template must render to a list).
+    :param items: list / XComArg / callable / template string. Items are data, delivered byte for
+        byte: a literal list or a callable is never rendered (nor called by the templater); only a
+        string (``"{{ params.items }}"``, which must render to a list) or an XComArg is. Templated.
     :param items_file: path of a UTF-8 file with one item per line (blank lines skipped). Templated.
     :param encoding: ``text`` (str or number), ``json`` (any JSON value) or ``bytes``.
     :param charset: codec for text and JSON items.
@@ -178,6 +180,21 @@ class FillQueueOperator(BaseOperator):
     @cached_property
     def hook(self) -> AmqpHook:
         return AmqpHook(amqp_conn_id=self.amqp_conn_id)
+
+    def render_template_fields(self, context: Context, jinja_env: Any = None) -> None:
+        """Render the template fields, except ``items`` when it is data (a literal list, a callable):
+        Airflow would render every string inside a list as Jinja and call a callable with
+        ``context=``/``jinja_env=``. ``items`` stays a template field, so an XComArg still sets the
+        upstream dependency and is resolved, and a string template is rendered."""
+        items = self.items
+        literal = items is not None and not isinstance(items, (str, XComArg))
+        if literal:
+            self.items = None
+        try:
+            super().render_template_fields(context, jinja_env)
+        finally:
+            if literal:
+                self.items = items
 
     def _resolved_items(self, context: Context) -> Any:
         items = self.items
