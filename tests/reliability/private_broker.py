@@ -14,9 +14,11 @@ and out. Its epmd is the 4.0 nodes' own (``RABBITMQ4_EPMD_PORT``, 4370), not the
 from __future__ import annotations
 
 import os
+import random
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -30,6 +32,20 @@ ROOTFS = os.environ.get("WORKQUEUE_TEST_RABBITMQ_ROOT", "")
 # $1 = rootfs; the rest is the command to run inside it. Mounts live only in the new namespace.
 IN_ROOT = ('dir=$1; shift; mount -t proc proc "$dir/proc" && mount -t sysfs sysfs "$dir/sys" && '
            'mount --rbind /dev "$dir/dev" && mount --bind /tmp "$dir/tmp" || exit 125; exec chroot "$dir" "$@"')
+
+
+def listen_port() -> int:
+    """A free port for a node to listen on, below the ephemeral range (10000-24999): unlike a port the kernel
+    hands out for ``bind(0)``, no outgoing connection can take it in the seconds before the node binds it."""
+    for _ in range(100):
+        port = random.randrange(10_000, 25_000)  # RabbitMQ's own fixed ports (25672, 35672-35682) are above
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
 
 
 def command(*argv: str) -> list[str]:
@@ -55,9 +71,9 @@ class PrivateBroker:
 
     def __init__(self, *, config: list[str] | None = None, advanced: str | None = None, tls_port: bool = False):
         self.base = Path(tempfile.mkdtemp(prefix="workqueue-rabbit-", dir="/tmp" if ROOTFS else None))
-        self.port = free_port()
-        self.dist_port = free_port()
-        self.tls_port = free_port() if tls_port else None
+        self.port = listen_port()
+        self.dist_port = listen_port()
+        self.tls_port = listen_port() if tls_port else None
         self.node = f"wq-{secrets.token_hex(4)}@localhost"
         self.user = "workqueue"
         self.password = secrets.token_urlsafe(24)
@@ -96,16 +112,25 @@ class PrivateBroker:
         return env
 
     def start(self) -> PrivateBroker:
-        lines = ["loopback_users = none", f"default_user = {self.user}", f"default_pass = {self.password}",
-                 *self.config]
-        if self.tls_port:
-            lines.append(f"listeners.ssl.default = {self.tls_port}")
-        conf = self.base / "rabbitmq.conf"
-        conf.write_text("\n".join(lines) + "\n")
-        conf.chmod(0o600)
-        (self.base / "advanced.config").write_text((self.advanced or "[]") + ".\n")
-        (self.base / "enabled_plugins").write_text("[].\n")
-        self._spawn()
+        for attempt in range(3):
+            lines = ["loopback_users = none", f"default_user = {self.user}", f"default_pass = {self.password}",
+                     *self.config]
+            if self.tls_port:
+                lines.append(f"listeners.ssl.default = {self.tls_port}")
+            conf = self.base / "rabbitmq.conf"
+            conf.write_text("\n".join(lines) + "\n")
+            conf.chmod(0o600)
+            (self.base / "advanced.config").write_text((self.advanced or "[]") + ".\n")
+            (self.base / "enabled_plugins").write_text("[].\n")
+            try:
+                self._spawn()
+                return self
+            except PrivateBrokerError as e:
+                # another process bound one of our ports between choosing it and the node's listen: new ports
+                if "eaddrinuse" not in str(e) or attempt == 2:
+                    raise
+                self.port, self.dist_port = listen_port(), listen_port()
+                self.tls_port = listen_port() if self.tls_port else None
         return self
 
     def _spawn(self) -> None:
