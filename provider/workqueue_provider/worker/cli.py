@@ -77,6 +77,7 @@ def parse_options(argv: Sequence[str], env: Mapping[str, str]) -> tuple[BrokerSe
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="workqueue-consume: %(message)s", stream=sys.stderr)
+    logging.getLogger("pika").setLevel(logging.CRITICAL)  # our own lines say what happened, once, without pika's dumps
     try:
         settings, options = parse_options(sys.argv[1:] if argv is None else argv, os.environ)
     except ConfigurationError as e:
