@@ -12,13 +12,18 @@ from airflow.sdk.exceptions import TaskDeferred
 
 from tests.conftest import task_context
 from tests.integration.test_job_side import run_trigger
-from tests.reliability.test_job_faults import filled, job_op, processed, worker_script
+from tests.reliability.test_job_faults import job_op, processed, worker_script
 from workqueue_provider.exceptions import JobError
-from workqueue_provider.operators.queue import FillQueueOperator
+from workqueue_provider.operators.queue import DeclareQueueOperator, DeleteQueueOperator, FillQueueOperator
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 FRUIT = ["apple", "banana", "cherry", "date", "fig", "grape"]
 PRINT = 'echo "Processing $item"\n'
+
+
+def filled(queue, items, try_number=1):
+    DeclareQueueOperator(task_id="declare", queue_name=queue).execute(task_context(try_number=try_number))
+    FillQueueOperator(task_id="fill", queue_name=queue, items=items).execute(task_context(try_number=try_number))
 
 
 def account(summary: dict) -> tuple[int, int, int, int, int, int]:
@@ -62,18 +67,42 @@ def test_a_retry_after_a_failed_job_runs_a_new_job_on_the_items_left(amqp_conn, 
     assert processed(cluster, core, namespace, summary["job_name"]) == sorted(f"Processing {f}" for f in FRUIT)
 
 
-def test_a_cleared_run_refills_and_a_new_job_processes_the_items(amqp_conn, kube_conn, cluster, core, namespace,
-                                                                queue_name, tmp_path):
+def test_a_cleared_run_after_a_failure_finishes_only_the_items_left(amqp_conn, kube_conn, cluster, core, namespace,
+                                                                    queue_name, tmp_path):
+    """The run failed (the Job hit its backoff limit after some items); the teardown kept the queue; the
+    user clears the run: declare and fill run again (the fill sees it already published everything and
+    publishes nothing), and the Job task launches a new Job that finishes the items left, each once."""
+    gate = tmp_path / "fixed"
+    command = worker_script(tmp_path, f'test -e {gate} || case $item in fig|grape) exit 3;; esac\n{PRINT}')
+    filled(queue_name, FRUIT)
+    with pytest.raises(JobError, match="BackoffLimitExceeded"):
+        job_op(queue_name, namespace, command, backoff_limit=0, parallelism=1).execute(task_context())
+    assert DeleteQueueOperator(task_id="delete", queue_name=queue_name).execute(task_context()) > 0  # kept
+    gate.touch()
+    filled(queue_name, FRUIT, try_number=2)  # the clear re-runs declare and fill
+    summary = job_op(queue_name, namespace, command, backoff_limit=0, parallelism=1).execute(task_context(try_number=2))
+    assert summary["job_name"].endswith("-g2")
+    assert account(summary) == (6, 6, 0, 0, 0, 0)
+    first = processed(cluster, core, namespace, summary["job_name"].removesuffix("-g2"))
+    second = processed(cluster, core, namespace, summary["job_name"])
+    assert sorted(first + second) == sorted(f"Processing {f}" for f in FRUIT)  # none twice, none missing
+
+
+def test_a_cleared_successful_run_processes_again_only_what_was_refilled(amqp_conn, kube_conn, cluster, core,
+                                                                          namespace, queue_name, tmp_path):
     command = worker_script(tmp_path, PRINT)
     filled(queue_name, FRUIT)
     first = job_op(queue_name, namespace, command).execute(task_context())
-    # the run is cleared: the fill runs again (same run), then the Job task finds the Complete Job
-    FillQueueOperator(task_id="fill", queue_name=queue_name, items=FRUIT).execute(task_context(try_number=2))
+    # cleared within the Job's TTL after the teardown deleted the emptied queue: declare and fill start anew,
+    # and the Job task finds the Complete Job of the first try
+    DeleteQueueOperator(task_id="delete", queue_name=queue_name).execute(task_context())
+    filled(queue_name, FRUIT, try_number=2)
     second = job_op(queue_name, namespace, command).execute(task_context(try_number=2))
     assert second["job_name"] == f"{first['job_name']}-g2"
     assert account(second) == (6, 6, 0, 0, 0, 0)
     assert processed(cluster, core, namespace, second["job_name"]) == sorted(f"Processing {f}" for f in FRUIT)
-    # cleared again with nothing refilled: the finished Job counts as done, no third Job
+    # cleared again, the queue kept: the fill publishes nothing, the finished Job counts as done, no third Job
+    filled(queue_name, FRUIT, try_number=3)
     third = job_op(queue_name, namespace, command).execute(task_context(try_number=3))
     assert third["job_name"] == second["job_name"] and account(third) == (6, 6, 0, 0, 0, 0)
 

@@ -28,7 +28,7 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
-from workqueue_provider.amqp.queues import FILL_HEADER, depth
+from workqueue_provider.amqp.queues import DEAD_LETTER_SUFFIX, FILL_HEADER, depth
 from workqueue_provider.exceptions import BrokerError, QueueNotFoundError
 
 RECEIPTS_SUFFIX = ".receipts"
@@ -245,9 +245,20 @@ def read_account(connection: Any, queue_name: str, dead_letter_queue: str | None
             receipts += 1
             seen.add(message_id)
     left = depth(connection, queue_name).messages
-    dead = depth(connection, dead_letter_queue).messages if dead_letter_queue else 0
+    dead = _dead_letters(connection, queue_name, dead_letter_queue)
     return Account(fill_id=fill_id or "", filled=int(fills[-1].get(COUNT_HEADER) or 0), processed=len(seen),
                    duplicated=receipts - len(seen), dead_lettered=dead, left=left, consumers=consumers)
+
+
+def _dead_letters(connection: Any, queue_name: str, dead_letter_queue: str | None) -> int:
+    """Messages in the dead-letter queue: the one named, else ``<queue>.dead`` (the one DeclareQueueOperator
+    wires by default) if it exists."""
+    if dead_letter_queue:
+        return depth(connection, dead_letter_queue).messages
+    try:
+        return depth(connection, f"{queue_name}{DEAD_LETTER_SUFFIX}").messages
+    except QueueNotFoundError:
+        return 0
 
 
 def _read_all(connection: Any, name: str) -> list[tuple[dict[str, Any], str | None]]:

@@ -229,6 +229,9 @@ class FillQueueOperator(BaseOperator):
                                   lambda: self._fill_once(spool, encoder, fill_id))
 
     def _fill_once(self, spool: Spool, encoder: ItemEncoder, fill_id: str) -> int:
+        done = self._already_filled(fill_id)
+        if done is not None:
+            return done
         self._make_room(fill_id)
         self.hook.start_ledger(self.queue_name, fill_id, spool.count)
         result = PublishResult(0, 0.0)
@@ -250,6 +253,20 @@ class FillQueueOperator(BaseOperator):
         self.log.info("Published and confirmed %d items to queue %r in %.2f s (%.0f items/s).",
                       result.confirmed, self.queue_name, result.seconds, result.rate)
         return result.confirmed
+
+    def _already_filled(self, fill_id: str) -> int | None:
+        """This fill (same DAG, task and run) already published every item: a cleared run, or a retry after
+        the fill record was written. Publishing again would process the finished items twice, so the queue
+        is left as it is (holding what is still to do) and the count is returned; None otherwise."""
+        trace = self.hook.last_fill(self.queue_name)
+        if trace is None or trace.fill_id != fill_id or not trace.complete:
+            return None
+        left = self.hook.queue_depth(self.queue_name).messages
+        self.log.warning("This fill already published its %d items to %r in an earlier try of this run (%d processed "
+                         "since, %d waiting in the queue): not publishing them again, so the next tasks finish what is "
+                         "left. To process every item again, trigger a new run.", trace.count, self.queue_name,
+                         trace.processed, left)
+        return trace.count
 
     def _record_stopped(self, fill_id: str, error: PublishError) -> None:
         """Tell the next attempt how deep this one left the queue (best effort: with the broker gone
