@@ -54,14 +54,14 @@ MISSING_IMAGE = "registry.example/no-such-worker:1.0"
 HANG_GUARD = 60  # seconds; only keeps a regression from hanging the run
 
 # Values for Case.env; "{...}" placeholders are filled in when the case runs.
-UNREACHABLE = "amqp://guest:guest@127.0.0.1:{free_port}/?connection_attempts=1"
+UNREACHABLE = "amqp://guest:guest@127.0.0.1:{free_port}/?connection_attempts=1&outage_window=0"
 WRONG_CREDENTIALS = f"amqp://guest:{WRONG_PASSWORD}@127.0.0.1:5672/?connection_attempts=1"
 MISSING_VHOST = "amqp://guest:guest@127.0.0.1:5672/no-such-vhost-wq?connection_attempts=1"
 MALFORMED_URI = f"amqp://guest:{WRONG_PASSWORD}@127.0.0.1:56x72/"
 # EnsureBrokerOperator: no broker answers at the connection's address, so it would start one.
-NO_BROKER_GUEST = '{{"conn_type": "amqp", "host": "127.0.0.1", "port": {free_port}}}'
+NO_BROKER_GUEST = '{{"conn_type": "amqp", "host": "127.0.0.1", "port": {free_port}, "extra": {{"outage_window": 0}}}}'
 NO_BROKER_OWN_USER = ('{{"conn_type": "amqp", "host": "127.0.0.1", "port": {free_port}, "login": "wq", '
-                      f'"password": "{WRONG_PASSWORD}"}}}}')
+                      f'"password": "{WRONG_PASSWORD}", "extra": {{{{"outage_window": 0}}}}}}}}')
 AMQP = "AIRFLOW_CONN_AMQP_DEFAULT"
 KUBE = "AIRFLOW_CONN_KUBERNETES_DEFAULT"
 UNREACHABLE_KUBE = "{kube_conn_unreachable}"  # a kubeconfig whose API server address doesn't answer

@@ -3,6 +3,7 @@ work item that runs past the broker's consumer_timeout."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -44,7 +45,13 @@ def drain_bodies(url: str, queue: str) -> list[bytes]:
     return bodies
 
 
-def test_a_broker_restart_mid_fill_then_the_retry_leaves_one_message_per_item(private_broker, private_conn):
+def test_a_broker_restart_mid_fill_then_the_retry_leaves_one_message_per_item(private_broker, private_conn,
+                                                                             monkeypatch):
+    """The Airflow retry path: with ``outage_window=0`` the fill fails at once instead of riding the outage
+    out (tests/reliability/test_broker_outage_airflow.py covers riding it out)."""
+    monkeypatch.setenv("AIRFLOW_CONN_AMQP_PRIVATE", json.dumps({
+        "conn_type": "amqp", "host": "127.0.0.1", "port": private_broker.port, "login": private_broker.user,
+        "password": private_broker.password, "extra": {"outage_window": 0}}))
     queue = f"restart-{uuid.uuid4().hex[:8]}"
     items = [f"item-{i:06d}" for i in range(10_000)]
     DeclareQueueOperator(task_id="declare", queue_name=queue, amqp_conn_id=private_conn).execute(task_context())
