@@ -14,7 +14,7 @@ CONSUMER_TIMEOUT_MS = 4000
 
 @pytest.fixture(scope="session")
 def private_broker() -> Iterator[PrivateBroker]:
-    """Its own node (never the shared one on 5672): consumer_timeout 4 s, checked every second."""
+    """Its own node (never a shared one, 5672 or 5673): consumer_timeout 4 s, checked every second."""
     broker = PrivateBroker(config=[f"consumer_timeout = {CONSUMER_TIMEOUT_MS}"],
                            advanced="[{rabbit, [{channel_tick_interval, 1000}]}]")
     try:

@@ -1,8 +1,9 @@
 """A private rabbitmq-server node for tests that restart or reconfigure their broker.
 
-The shared broker on 127.0.0.1:5672 is never restarted or reconfigured: tests that need a broker
-restart, a short ``consumer_timeout`` or a TLS listener start their own node here, with its own
-node name, ports, data dir, logs, config and Erlang cookie (all under a temp dir).
+The shared brokers (127.0.0.1:5672, and 5673 for RabbitMQ 4.0) are never restarted or
+reconfigured: tests that need a broker restart, a short ``consumer_timeout`` or a TLS listener start
+their own node here, with its own node name, ports, data dir, logs, config and Erlang cookie (all
+under a temp dir).
 
 With ``WORKQUEUE_TEST_RABBITMQ_ROOT`` set to a root filesystem (the Debian trixie one that
 scripts/ensure-rabbitmq4.sh builds, printed by its ``--root``), the node is that rootfs's
