@@ -53,7 +53,9 @@ def test_mismatched_arguments_name_every_difference_and_touch_nothing(amqp_conn,
         other.execute(task_context())
     message = str(raised.value)
     assert queue_name in message
-    assert set(raised.value.differences) == {"x-queue-type", "x-max-length", "x-message-ttl"}
+    # a max_length refuses new items when full (x-overflow), a TTL dead-letters into <queue>.dead
+    assert set(raised.value.differences) == {"x-queue-type", "x-max-length", "x-overflow", "x-message-ttl",
+                                             "x-dead-letter-exchange", "x-dead-letter-routing-key"}
     assert "x-queue-type: existing 'classic', requested 'quorum'" in message
     assert AmqpHook().queue_depth(queue_name).messages == 1
 
@@ -97,7 +99,8 @@ def own_broker():
 
 
 def test_fill_retry_after_half_failure_leaves_exactly_one_message_per_item(own_broker, queue_name, monkeypatch):
-    monkeypatch.setenv("AIRFLOW_CONN_AMQP_DEFAULT", own_broker.url)
+    # outage_window=0: the Airflow retry is what is tested here, not the fill riding the cut out by itself
+    monkeypatch.setenv("AIRFLOW_CONN_AMQP_DEFAULT", own_broker.url + "?outage_window=0")
     broker_url = own_broker.url
     DeclareQueueOperator(task_id="d", queue_name=queue_name).execute(task_context())
     items = [f"item-{i}" for i in range(20_000)]
@@ -169,6 +172,6 @@ def test_fill_logs_progress_and_pushes_only_the_count(amqp_conn, queue_name, cap
 def test_delete_operator_reports_leftovers(amqp_conn, queue_name):
     DeclareQueueOperator(task_id="d", queue_name=queue_name).execute(task_context())
     fill(queue_name, items=["a", "b"]).execute(task_context())
-    delete = DeleteQueueOperator(task_id="delete", queue_name=queue_name)
+    delete = DeleteQueueOperator(task_id="delete", queue_name=queue_name, keep_if_not_empty=False)
     assert delete.execute(task_context()) == 2
     assert delete.execute(task_context()) is None
