@@ -54,14 +54,14 @@ def amqp_conn(broker_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
 
 @pytest.fixture
 def queue_name(broker_url: str) -> Iterator[str]:
-    """A fresh queue name; the queue (and its dead-letter twin) are deleted after the test."""
+    """A fresh queue name; the queue (and its dead-letter and receipts queues) are deleted after the test."""
     from workqueue_provider.amqp.connection import BrokerSettings, open_connection
     from workqueue_provider.amqp.queues import delete
 
     name = f"test-{uuid.uuid4().hex[:10]}"
     yield name
     connection = open_connection(BrokerSettings.from_url(broker_url))
-    for leftover in (name, f"{name}.dead"):
+    for leftover in (name, f"{name}.dead", f"{name}.receipts"):
         delete(connection, leftover)
     connection.close()
 
