@@ -116,3 +116,25 @@ def test_only_outages_are_transient():
     assert not is_transient(translate_connect_error(settings, ssl.SSLError("CERTIFICATE_VERIFY_FAILED")))
     assert not is_transient(pika.exceptions.ChannelClosedByBroker(404, "NOT_FOUND - no queue"))
     assert not is_transient(ConfigurationError("bad input"))
+
+
+def test_the_pods_url_keeps_the_tls_options_and_brackets_an_ipv6_host():
+    settings = BrokerSettings(host="fd00::10", password="p@ss", tls=True, ca_file="/etc/ca.pem", verify=False,
+                              server_hostname="rabbit.internal")
+    url = settings.url()
+    assert url.startswith("amqps://guest:p%40ss@[fd00::10]:5671/%2F?")
+    back = BrokerSettings.from_url(url)
+    assert (back.host, back.ca_file, back.verify, back.server_hostname, back.tls, back.password) == \
+        ("fd00::10", "/etc/ca.pem", False, "rabbit.internal", True, "p@ss")
+    assert BrokerSettings(host="rabbitmq-service").url(port=5672) == "amqp://guest:guest@rabbitmq-service:5672/%2F"
+
+
+def test_an_amqps_connection_uses_tls_even_with_use_tls_unticked(monkeypatch):
+    import json
+
+    from workqueue_provider.hooks.amqp import AmqpHook
+
+    monkeypatch.setenv("AIRFLOW_CONN_AMQP_FORM", json.dumps(
+        {"conn_type": "amqps", "host": "rabbit", "login": "u", "password": "p", "extra": {"ssl": False}}))
+    settings = AmqpHook(amqp_conn_id="amqp_form").settings
+    assert settings.tls and settings.effective_port == 5671

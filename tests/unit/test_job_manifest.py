@@ -112,3 +112,9 @@ def test_a_finished_jobs_successor_is_the_next_generation_within_63_characters()
     second = next_generation(long)
     assert len(second) <= 63 and second.endswith("-g2") and next_generation(second).endswith("-g3")
     assert len({long, second, next_generation(second)}) == 3
+
+
+def test_service_account_names_may_have_dots_as_kubernetes_allows():
+    assert JobOptions(image="i", queue_name="q", service_account_name="team.batch-runner").service_account_name
+    with pytest.raises(ConfigurationError, match="RFC 1123 subdomain"):
+        JobOptions(image="i", queue_name="q", service_account_name="Team..runner")

@@ -13,7 +13,7 @@ import ssl
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, quote, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 import pika
 import pika.exceptions
@@ -97,7 +97,20 @@ class BrokerSettings:
         """The full URL **with the password**, for a Kubernetes Secret only. Never log it."""
         scheme = "amqps" if self.tls else "amqp"
         creds = f"{quote(self.login, safe='')}:{quote(self.password, safe='')}"
-        return f"{scheme}://{creds}@{host or self.host}:{port or self.effective_port}/{quote(self.vhost, safe='')}"
+        host = host or self.host
+        if ":" in host and not host.startswith("["):  # an IPv6 address
+            host = f"[{host}]"
+        port = port or self.effective_port
+        return f"{scheme}://{creds}@{host}:{port}/{quote(self.vhost, safe='')}{self._tls_query()}"
+
+    def _tls_query(self) -> str:
+        """The TLS options a reader of :meth:`url` needs to verify the broker as this side does."""
+        if not self.tls:
+            return ""
+        options = {"ca_certs": self.ca_file, "server_hostname": self.server_hostname,
+                   "verify": None if self.verify else "false"}
+        present = {key: value for key, value in options.items() if value}
+        return f"?{urlencode(present)}" if present else ""
 
     @classmethod
     def from_url(cls, url: str, **overrides: Any) -> BrokerSettings:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Iterator
 from functools import cached_property
@@ -97,7 +98,10 @@ class AmqpHook(BaseHook):
             tls=conn.conn_type == "amqps",
         )
         base, extras = broker_credentials.with_secret_credentials(base, extras)
-        return base.with_options(extras)
+        settings = base.with_options(extras)
+        if conn.conn_type == "amqps" and not settings.tls:  # the type wins over an unticked "Use TLS" in the form
+            settings = dataclasses.replace(settings, tls=True)
+        return settings
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[Any]:

@@ -26,6 +26,17 @@ _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 RESTART_POLICIES = ("OnFailure", "Never")
 
 
+def validate_subdomain(name: object, what: str) -> str:
+    """An RFC 1123 subdomain (dot-separated labels, at most 253 characters), as service account names are."""
+    if not isinstance(name, str) or not name or len(name) > 253 or \
+            not all(_RFC1123.match(label) for label in name.split(".")):
+        raise ConfigurationError(
+            f"The {what} {name!r} is not a valid RFC 1123 subdomain: use lowercase letters, digits, '-' and '.', "
+            "each dot-separated part starting and ending with a letter or digit, at most 253 characters."
+        )
+    return name
+
+
 def validate_name(name: object, what: str) -> str:
     """An RFC 1123 label of at most 63 characters (Job names end up in pod labels)."""
     if not isinstance(name, str) or not name:
@@ -137,7 +148,7 @@ class JobOptions:
         if self.pod_failure_policy and self.restart_policy != "Never":
             raise ConfigurationError("pod_failure_policy needs restart_policy='Never' (a Kubernetes rule).")
         if self.service_account_name is not None:
-            validate_name(self.service_account_name, "service account name")
+            validate_subdomain(self.service_account_name, "service account name")
         for key, value in self.labels.items():
             if not isinstance(value, str) or len(value) > MAX_NAME or not _LABEL_VALUE.match(value):
                 raise ConfigurationError(f"Label {key}={value!r} is not a valid label value (at most 63 of [A-Za-z0-9-_.]).")
