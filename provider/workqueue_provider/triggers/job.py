@@ -203,66 +203,75 @@ class JobCompleteTrigger(BaseTrigger):
         last_progress = None
         resource_version: str | None = None
         failures = 0
-        async with self._hook().get_conn() as api:
-            batch = async_client.BatchV1Api(api)
-            selector = f"metadata.name={self.job_name}"
-            while True:
-                remaining = None if self.deadline is None else self.deadline - time.time()
-                if remaining is not None and remaining <= 0:
-                    yield self._event("timeout", message=f"Job {self.namespace}/{self.job_name} did not finish before the timeout.")
-                    return
-                try:
-                    if resource_version is None:
-                        listed = await batch.list_namespaced_job(self.namespace, field_selector=selector)
-                        if not listed.items:
-                            yield self._event("error", message=f"Job {self.namespace}/{self.job_name} does not exist (deleted?).")
-                            return
-                        resource_version = listed.metadata.resource_version
-                        events: list[dict[str, Any]] = [
-                            {"type": "LISTED", "raw_object": api.sanitize_for_serialization(listed.items[0])}
-                        ]
-                    else:
-                        events = []
-                    timeout = int(min(WATCH_SECONDS, remaining)) + 1 if remaining is not None else WATCH_SECONDS
-                    async with async_watch.Watch() as watch:
-                        stream = watch.stream(batch.list_namespaced_job, self.namespace, field_selector=selector,
-                                              resource_version=resource_version, timeout_seconds=timeout,
-                                              allow_watch_bookmarks=True,
-                                              # the cncf hook's client otherwise cuts every request (this watch
-                                              # too) at 60 s client-side: a reconnect a minute
-                                              _request_timeout=timeout + WATCH_CLIENT_GRACE)
-                        async for event in _chain(events, stream):
-                            failures = 0
-                            job = event["raw_object"]
-                            resource_version = job.get("metadata", {}).get("resourceVersion") or resource_version
-                            if event["type"] == "BOOKMARK":
-                                continue
-                            if event["type"] == "DELETED":
-                                yield self._event("error", message=f"Job {self.namespace}/{self.job_name} was deleted while waiting.")
-                                return
-                            self._track_readiness(job.get("status") or {})
-                            verdict = assess(job)
-                            if verdict.progress() != last_progress:
-                                last_progress = self._progress = verdict.progress()
-                                self.log.info("Job %s/%s: %s", self.namespace, self.job_name, last_progress)
-                            if verdict.done:  # the Job as seen: a short TTL may delete it before it's read again
-                                yield self._event(verdict.phase.value, verdict, job=job)
-                                return
-                except ApiException as e:
-                    if e.status == 410:
-                        self.log.info("Watch of Job %s expired (410 Gone); listing it again.", self.job_name)
-                        resource_version = None
-                        continue
-                    if e.status in (401, 403, 404):
-                        yield self._event("error", message=f"Watching Job {self.namespace}/{self.job_name} failed: {e.status} {e.reason}")
+        rebuilt = False  # a 401 rebuilds the API client once: exec-credential tokens (EKS, GKE) expire
+        while True:
+            async with self._hook().get_conn() as api:
+                batch = async_client.BatchV1Api(api)
+                selector = f"metadata.name={self.job_name}"
+                while True:
+                    remaining = None if self.deadline is None else self.deadline - time.time()
+                    if remaining is not None and remaining <= 0:
+                        yield self._event("timeout", message=f"Job {self.namespace}/{self.job_name} did not finish before the timeout.")
                         return
-                    failures += 1
-                    self.log.warning("Watch of Job %s failed (%s %s); reconnecting.", self.job_name, e.status, e.reason)
-                except (TimeoutError, OSError, aiohttp.ClientError) as e:  # e.g. the API server restarted
-                    failures += 1
-                    self.log.warning("Watch of Job %s dropped (%r); reconnecting.", self.job_name, e)
-                if failures:
-                    await asyncio.sleep(RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS)) - 1])
+                    try:
+                        if resource_version is None:
+                            listed = await batch.list_namespaced_job(self.namespace, field_selector=selector)
+                            if not listed.items:
+                                yield self._event("error", message=f"Job {self.namespace}/{self.job_name} does not exist (deleted?).")
+                                return
+                            resource_version = listed.metadata.resource_version
+                            events: list[dict[str, Any]] = [
+                                {"type": "LISTED", "raw_object": api.sanitize_for_serialization(listed.items[0])}
+                            ]
+                        else:
+                            events = []
+                        timeout = int(min(WATCH_SECONDS, remaining)) + 1 if remaining is not None else WATCH_SECONDS
+                        async with async_watch.Watch() as watch:
+                            stream = watch.stream(batch.list_namespaced_job, self.namespace, field_selector=selector,
+                                                  resource_version=resource_version, timeout_seconds=timeout,
+                                                  allow_watch_bookmarks=True,
+                                                  # the cncf hook's client otherwise cuts every request (this watch
+                                                  # too) at 60 s client-side: a reconnect a minute
+                                                  _request_timeout=timeout + WATCH_CLIENT_GRACE)
+                            async for event in _chain(events, stream):
+                                failures = 0
+                                rebuilt = False  # these credentials work: a later expiry may rebuild again
+                                job = event["raw_object"]
+                                resource_version = job.get("metadata", {}).get("resourceVersion") or resource_version
+                                if event["type"] == "BOOKMARK":
+                                    continue
+                                if event["type"] == "DELETED":
+                                    yield self._event("error", message=f"Job {self.namespace}/{self.job_name} was deleted while waiting.")
+                                    return
+                                self._track_readiness(job.get("status") or {})
+                                verdict = assess(job)
+                                if verdict.progress() != last_progress:
+                                    last_progress = self._progress = verdict.progress()
+                                    self.log.info("Job %s/%s: %s", self.namespace, self.job_name, last_progress)
+                                if verdict.done:  # the Job as seen: a short TTL may delete it before it's read again
+                                    yield self._event(verdict.phase.value, verdict, job=job)
+                                    return
+                    except ApiException as e:
+                        if e.status == 410:
+                            self.log.info("Watch of Job %s expired (410 Gone); listing it again.", self.job_name)
+                            resource_version = None
+                            continue
+                        if e.status == 401 and not rebuilt:
+                            self.log.warning("The Kubernetes API refused the credentials (401) while watching Job %s: "
+                                             "building a new client (fresh credentials) and watching again.",
+                                             self.job_name)
+                            rebuilt = True
+                            break
+                        if e.status in (401, 403, 404):
+                            yield self._event("error", message=f"Watching Job {self.namespace}/{self.job_name} failed: {e.status} {e.reason}")
+                            return
+                        failures += 1
+                        self.log.warning("Watch of Job %s failed (%s %s); reconnecting.", self.job_name, e.status, e.reason)
+                    except (TimeoutError, OSError, aiohttp.ClientError) as e:  # e.g. the API server restarted
+                        failures += 1
+                        self.log.warning("Watch of Job %s dropped (%r); reconnecting.", self.job_name, e)
+                    if failures:
+                        await asyncio.sleep(RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS)) - 1])
 
     async def _delete_job(self) -> None:
         async with self._hook().get_conn() as api:
