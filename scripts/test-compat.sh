@@ -20,4 +20,5 @@ fi
 "$venv/bin/python" -c "import airflow; assert airflow.__version__ == '$airflow_version', airflow.__version__"
 cd "$repo"
 CI=true "$venv/bin/python" -m pytest -q tests/unit tests/integration/test_job_side.py tests/integration/test_queue_operators.py \
+  tests/reliability/test_job_faults.py tests/reliability/test_job_account.py \
   tests/e2e/test_example_dag.py --deselect tests/unit/test_hygiene.py "$@"

@@ -9,6 +9,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import structlog.testing
@@ -121,8 +122,19 @@ echo "Processing $item"
 SLOW_ITEM = 'sleep 1.5\necho "Processing $item"\n'
 
 
+def before_airflow_3_3(monkeypatch, trigger: JobCompleteTrigger, task_state: str) -> None:
+    """Run ``cleanup()``'s pre-3.3 path for real: the version check says < 3.3, the trigger has its task
+    instance, and the task's state (read from the API server before 3.3) is ``task_state``."""
+    monkeypatch.setattr("workqueue_provider.triggers.job._airflow_3_3_plus", lambda: False)
+    trigger.task_instance = SimpleNamespace(dag_id="dag", task_id="run_job", run_id="manual__1", map_index=-1)
+
+    async def state(self):
+        return task_state
+    monkeypatch.setattr(JobCompleteTrigger, "_task_state", state)
+
+
 def test_a_restarted_triggerer_reattaches_to_the_same_job(amqp_conn, kube_conn, cluster, core, batch, namespace,
-                                                         queue_name, tmp_path):
+                                                         queue_name, tmp_path, monkeypatch):
     items = ["a", "b", "c", "d"]
     filled(queue_name, items)
     command = worker_script(tmp_path, SLOW_ITEM)
@@ -130,6 +142,7 @@ def test_a_restarted_triggerer_reattaches_to_the_same_job(amqp_conn, kube_conn, 
         job_op(queue_name, namespace, command, deferrable=True, parallelism=1).execute(task_context(try_number=1))
     first = deferred.value.trigger
     wait_for_running_pod(core, namespace)
+    before_airflow_3_3(monkeypatch, first, "deferred")  # a triggerer restart: the task is still deferred
 
     async def interrupted():  # the triggerer dies while the trigger waits
         with pytest.raises(asyncio.TimeoutError):
@@ -151,6 +164,25 @@ def test_a_restarted_triggerer_reattaches_to_the_same_job(amqp_conn, kube_conn, 
     assert summary["succeeded"] == 4 and summary["items_left"] == 0
     assert [j.metadata.name for j in batch.list_namespaced_job(namespace).items] == [first.job_name], "no second Job"
     assert processed(cluster, core, namespace, first.job_name) == sorted(f"Processing {i}" for i in items)
+
+
+def test_before_airflow_3_3_a_killed_deferred_task_deletes_its_job_in_cleanup(amqp_conn, kube_conn, cluster, batch,
+                                                                              core, namespace, queue_name, tmp_path,
+                                                                              monkeypatch):
+    filled(queue_name, ["a", "b"])
+    with pytest.raises(TaskDeferred) as deferred:
+        job_op(queue_name, namespace, worker_script(tmp_path, SLOW_ITEM), deferrable=True,
+               parallelism=1).execute(task_context())
+    trigger = deferred.value.trigger
+    wait_for_running_pod(core, namespace)
+    before_airflow_3_3(monkeypatch, trigger, "failed")  # "Mark as failed" in the UI, before 3.3
+
+    async def killed():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(first_event(trigger), timeout=1.5)
+        await trigger.cleanup()
+    asyncio.run(killed())
+    assert batch.list_namespaced_job(namespace).items == [], "cleanup after a kill deletes the Job"
 
 
 def test_the_watch_survives_an_api_server_restart(amqp_conn, kube_conn, cluster, core, namespace, queue_name,
