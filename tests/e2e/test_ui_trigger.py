@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 from urllib.parse import quote
 
 import psutil
@@ -206,3 +208,43 @@ def task_logs(airflow: AirflowServices, run_id: str) -> dict[str, str]:
         logs[ti["task_id"]] = "\n".join(entry.get("event", str(entry)) if isinstance(entry, dict) else str(entry)
                                         for entry in content)
     return logs
+
+
+def test_clearing_a_failed_run_finishes_only_the_items_left(airflow, cluster, broker_url, tmp_path):
+    """A worker fails on one item, so the Job hits its backoff limit and the run fails; the teardown keeps
+    the queue. The user fixes the worker and clears the run (the UI's Clear calls this REST endpoint):
+    the fill publishes nothing again, a new Job takes only the items left, and each item is processed once."""
+    gate = tmp_path / "fixed"
+    script = tmp_path / "worker.sh"
+    script.write_text(f'item=$(cat)\nif [ "$item" = fig ] && [ ! -e {gate} ]; then echo "cannot do $item"; exit 3; fi\n'
+                      'echo "Processing $item"\n')
+    image = f"registry.example/gated-{uuid.uuid4().hex[:6]}:1.0"
+    cluster.register_image(image, entrypoint=["sh", "-c", f"exec {Path(sys.executable).parent}/workqueue-consume sh {script}"])
+    items = ["apple", "banana", "cherry", "date", "fig", "grape"]
+    airflow.api("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})
+    run_id = f"clear-{uuid.uuid4().hex[:8]}"
+    airflow.api("POST", f"/dags/{DAG_ID}/dagRuns", json={
+        "dag_run_id": run_id, "logical_date": None, "conf": {"items": items, "image": image, "parallelism": 2}})
+    run = airflow.wait_until(f"run {run_id} to finish", lambda: finished(airflow, run_id), RUN_TIMEOUT, 3)
+    logs = task_logs(airflow, run_id)
+    assert run["state"] == "failed", logs
+    assert "failed 1" in logs["wait_for_job"] and "Kept queue" in logs["delete_queue"], logs
+
+    gate.touch()
+    airflow.api("POST", f"/dags/{DAG_ID}/clearTaskInstances", json={
+        "dry_run": False, "dag_run_id": run_id, "only_failed": False, "reset_dag_runs": True})
+    airflow.wait_until(f"run {run_id} to start again", lambda: finished(airflow, run_id) is None, 120, 1)
+    run = airflow.wait_until(f"run {run_id} to finish again", lambda: finished(airflow, run_id), RUN_TIMEOUT, 3)
+    logs = task_logs(airflow, run_id)
+    assert run["state"] == "success", logs
+    assert "not publishing them again" in logs["fill_queue"], logs["fill_queue"]
+    assert "6 filled = 6 processed + 0 dead-lettered + 0 left + 0 lost; 0 processed more than once" in logs["wait_for_job"]
+    name = airflow.api("GET", f"/dags/{DAG_ID}/dagRuns/{quote(run_id, safe='')}/taskInstances/run_job/xcomEntries/"
+                              "return_value").json()["value"]["job_name"]
+    assert name.endswith("-g2")
+    core = client.CoreV1Api(cluster.api_client())
+    printed = sorted(line for job in (name.removesuffix("-g2"), name)
+                     for pod in core.list_namespaced_pod("default", label_selector=f"batch.kubernetes.io/job-name={job}").items
+                     for line in cluster.read_pod_log("default", pod.metadata.name).splitlines()
+                     if line.startswith("Processing "))
+    assert printed == sorted(f"Processing {item}" for item in items), "every item processed exactly once in all"

@@ -359,10 +359,11 @@ class DeleteQueueOperator(BaseOperator):
             return None, False
         if self.keep_if_not_empty and (found.messages or found.consumers):
             self.log.warning(
-                "Kept queue %r: it still holds %d %s (%d consumers attached). To process them, clear this run's "
-                "failed tasks (in the UI: the run > Clear > only failed tasks), which runs the work again on what "
-                "is left; to discard them, delete the queue (DeleteQueueOperator(keep_if_not_empty=False), or "
-                "rabbitmqctl delete_queue %s).", name, found.messages, what, found.consumers, name)
+                "Kept queue %r: it still holds %d %s (%d consumers attached). To process them, clear this run "
+                "(in the UI: the run > Clear; or from the task that runs the Job on): the fill publishes nothing "
+                "again and a new Job takes only what is left. To discard them, delete the queue "
+                "(DeleteQueueOperator(keep_if_not_empty=False), or rabbitmqctl delete_queue %s).",
+                name, found.messages, what, found.consumers, name)
             return found.messages, True
         left = hook.delete_queue(name)
         if left:
