@@ -37,3 +37,5 @@ def test_the_example_dag_processes_every_item_once_and_deletes_its_queue(broker_
     with pytest.raises(QueueNotFoundError):
         AmqpHook().queue_depth(queue)
     assert "succeeded 8/8, active 0, failed 0" in result.stdout, "progress and summary in the task log"
+    account = "8 filled = 8 processed + 0 dead-lettered + 0 left + 0 lost; 0 processed more than once"
+    assert account in result.stdout, "the item account in the task log"
