@@ -242,6 +242,10 @@ def test_clearing_a_failed_run_finishes_only_the_items_left(airflow, cluster, br
     name = airflow.api("GET", f"/dags/{DAG_ID}/dagRuns/{quote(run_id, safe='')}/taskInstances/run_job/xcomEntries/"
                               "return_value").json()["value"]["job_name"]
     assert name.endswith("-g2")
+    summary = airflow.api("GET", f"/dags/{DAG_ID}/dagRuns/{quote(run_id, safe='')}/taskInstances/wait_for_job/"
+                                 "xcomEntries/return_value").json()["value"]
+    assert {k: summary["account"][k] for k in ("filled", "processed", "dead_lettered", "left", "lost", "duplicated")} \
+        == {"filled": 6, "processed": 6, "dead_lettered": 0, "left": 0, "lost": 0, "duplicated": 0}, "the account in XCom"
     core = client.CoreV1Api(cluster.api_client())
     printed = sorted(line for job in (name.removesuffix("-g2"), name)
                      for pod in core.list_namespaced_pod("default", label_selector=f"batch.kubernetes.io/job-name={job}").items
