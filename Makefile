@@ -61,6 +61,7 @@ cluster:
 bench: broker
 	@venv="$(VENV)"; status=0; \
 	"$$venv/bin/python" bench/run.py || status=1; \
+	"$$venv/bin/python" bench/receipts.py || status=1; \
 	for b in wait_cost drain scale; do PYTHONPATH=. "$$venv/bin/python" bench/$$b.py || status=1; done; \
 	exit $$status
 

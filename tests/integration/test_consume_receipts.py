@@ -63,3 +63,24 @@ def test_dead_letter_on_a_queue_without_a_dead_letter_exchange_is_refused(amqp_c
     assert result.returncode == EXIT_CONFIG
     assert "has no dead-letter exchange" in result.stderr and "DeclareQueueOperator(dead_letter_queue=" in result.stderr
     assert depth(queue_name) == 1  # nothing taken, nothing dropped
+
+
+def test_a_ledger_of_thousands_of_receipts_is_read_whole_and_left_in_place(amqp_conn, broker_url, queue_name):
+    """More receipts than any prefetch window; reading twice gives the same account (nothing consumed)."""
+    import pika
+
+    from workqueue_provider.amqp import receipts
+
+    count = 2500
+    prepare(queue_name, ["x"])
+    connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+    channel = connection.channel()
+    channel.confirm_delivery()
+    fill_id = account(queue_name).fill_id
+    for index in range(count):
+        receipts.record_processed(channel, queue_name, pika.BasicProperties(
+            message_id=str(index % 2000), headers={receipts.FILL_HEADER: fill_id}))
+    connection.close()
+    for _ in range(2):
+        found = account(queue_name)
+        assert (found.processed, found.duplicated) == (2000, 500)

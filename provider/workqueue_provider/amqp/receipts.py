@@ -21,6 +21,7 @@ tools, or the workers run plain ``amqp-consume``) there is no account: callers f
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -41,7 +42,6 @@ STARTED_RECORD = "filling"  # written before a fill publishes: COUNT_HEADER = it
 STOPPED_RECORD = "stopped"  # an attempt that failed: CONFIRMED_HEADER confirmed, COUNT_HEADER = the depth it left
 CONFIRMED_HEADER = "x-workqueue-confirmed"
 _PERSISTENT = pika.DeliveryMode.Persistent
-_READ_PREFETCH = 1000
 
 
 def receipts_queue(queue_name: str) -> str:
@@ -160,7 +160,7 @@ class FillTrace:
 def last_fill(connection: Any, queue_name: str) -> FillTrace | None:
     """The ledger's account of the last fill of ``queue_name`` (read without consuming), or None."""
     try:
-        records = _read_all(connection, receipts_queue(queue_name))
+        records = list(_read_all(connection, receipts_queue(queue_name)))
     except QueueNotFoundError:
         return None
     started = finished = stopped = None
@@ -229,25 +229,32 @@ def record_processed(channel: BlockingChannel, queue_name: str, properties: pika
 # -- verification ----------------------------------------------------------------------------------
 def read_account(connection: Any, queue_name: str, dead_letter_queue: str | None = None) -> Account | None:
     """Add up the ledger of ``queue_name`` (read without consuming it), or None when there is none."""
-    try:
-        records = _read_all(connection, receipts_queue(queue_name))
+    fill: dict[str, Any] | None = None
+    consumers = 0
+    receipts: dict[str | None, int] = {}  # per fill id: receipts
+    seen: dict[str | None, set[str | None]] = {}  # per fill id: distinct message ids
+    try:  # one pass, keeping only counts and ids: a ledger of 100,000 receipts stays small in memory
+        for headers, message_id in _read_all(connection, receipts_queue(queue_name)):
+            kind = _text(headers.get(RECORD_HEADER))
+            if kind == FILL_RECORD:
+                fill = headers
+            elif kind == CONSUMER_RECORD:
+                consumers += 1
+            elif kind == PROCESSED_RECORD:
+                owner = _text(headers.get(FILL_HEADER))
+                receipts[owner] = receipts.get(owner, 0) + 1
+                seen.setdefault(owner, set()).add(message_id)
     except QueueNotFoundError:
         return None
-    fills = [headers for headers, _ in records if headers.get(RECORD_HEADER) == FILL_RECORD]
-    if not fills:
+    if fill is None:
         return None
-    fill_id = _text(fills[-1].get(FILL_HEADER))
-    seen: set[str | None] = set()
-    receipts = 0
-    consumers = sum(1 for headers, _ in records if _text(headers.get(RECORD_HEADER)) == CONSUMER_RECORD)
-    for headers, message_id in records:
-        if headers.get(RECORD_HEADER) == PROCESSED_RECORD and _text(headers.get(FILL_HEADER)) == fill_id:
-            receipts += 1
-            seen.add(message_id)
+    fill_id = _text(fill.get(FILL_HEADER))
+    processed = len(seen.get(fill_id, ()))
     left = depth(connection, queue_name).messages
     dead = _dead_letters(connection, queue_name, dead_letter_queue)
-    return Account(fill_id=fill_id or "", filled=int(fills[-1].get(COUNT_HEADER) or 0), processed=len(seen),
-                   duplicated=receipts - len(seen), dead_lettered=dead, left=left, consumers=consumers)
+    return Account(fill_id=fill_id or "", filled=int(fill.get(COUNT_HEADER) or 0), processed=processed,
+                   duplicated=receipts.get(fill_id, 0) - processed, dead_lettered=dead, left=left,
+                   consumers=consumers)
 
 
 def _dead_letters(connection: Any, queue_name: str, dead_letter_queue: str | None) -> int:
@@ -261,9 +268,10 @@ def _dead_letters(connection: Any, queue_name: str, dead_letter_queue: str | Non
         return 0
 
 
-def _read_all(connection: Any, name: str) -> list[tuple[dict[str, Any], str | None]]:
-    """Every message of ``name`` as (headers, message id), left in the queue: read unacked, then the
-    channel closes and the broker puts them all back in order (a classic queue has no delivery limit)."""
+def _read_all(connection: Any, name: str) -> Iterator[tuple[dict[str, Any], str | None]]:
+    """Every message of ``name`` as (headers, message id), left in the queue: read unacked (no prefetch
+    limit, or the broker would stop at it), then the channel closes and the broker puts them all back
+    in order (a classic queue has no delivery limit). Raises QueueNotFoundError on first use."""
     channel: BlockingChannel = connection.channel()
     try:
         ok = channel.queue_declare(name, passive=True)
@@ -272,20 +280,21 @@ def _read_all(connection: Any, name: str) -> list[tuple[dict[str, Any], str | No
             raise QueueNotFoundError(f"Queue {name!r} does not exist.") from e
         raise BrokerError(f"Reading queue {name!r} failed: {e.reply_code} {e.reply_text}") from e
     expected = ok.method.message_count
-    found: list[tuple[dict[str, Any], str | None]] = []
+    read = 0
     try:
         if expected:
-            channel.basic_qos(prefetch_count=_READ_PREFETCH)
-            for method, properties, _body in channel.consume(name, auto_ack=False, inactivity_timeout=5):
+            channel.basic_qos(prefetch_count=0)
+            for method, properties, _body in channel.consume(name, auto_ack=False, inactivity_timeout=10):
                 if method is None:
-                    raise BrokerError(f"Reading the receipts in {name!r} stalled after {len(found)} of {expected}.")
-                found.append((dict(properties.headers or {}), properties.message_id))
-                if len(found) >= expected:
+                    raise BrokerError(f"Reading the receipts in {name!r} stalled after {read} of {expected} "
+                                      "(is another reader holding some?).")
+                read += 1
+                yield properties.headers or {}, properties.message_id
+                if read >= expected:
                     break
     finally:
         with contextlib.suppress(Exception):
             channel.close()  # unacked messages go back to the queue
-    return found
 
 
 def _text(value: Any) -> str | None:
