@@ -6,14 +6,18 @@ Used by QueueJobOperator and JobCompleteSensor. A Complete Job doesn't prove the
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from workqueue_provider.amqp.receipts import Account
 from workqueue_provider.exceptions import JobError, QueueNotFoundError
 from workqueue_provider.hooks.amqp import AmqpHook
 from workqueue_provider.hooks.jobs import JobsHook
 from workqueue_provider.kube.job_status import JobAssessment, JobPhase, assess, condition
+
+IN_FLIGHT_GRACE_SECONDS = 90.0  # the longest a terminating pod holds an item: its grace period, and then some
 
 
 class Log(Protocol):
@@ -98,7 +102,7 @@ def _verify_queue(job_name: str, verification: Verification, log: Log) -> dict[s
     assert queue is not None
     amqp = AmqpHook(amqp_conn_id=verification.amqp_conn_id)
     try:
-        account = amqp.item_account(queue, verification.dead_letter_queue)
+        account = _settled_account(amqp, queue, verification.dead_letter_queue, log)
     except QueueNotFoundError as e:
         raise JobError(f"Job {job_name} completed, but its queue {queue!r} is gone, so the work can't be verified.") from e
     if account is None or not account.kept:
@@ -119,6 +123,23 @@ def _verify_queue(job_name: str, verification: Verification, log: Log) -> dict[s
     _report_dead_letters(job_name, account.dead_lettered, verification, log)
     return {"items_left": 0, "dead_lettered": account.dead_lettered,
             "dead_letter_queue": verification.dead_letter_queue, "account": account.as_dict()}
+
+
+def _settled_account(amqp: AmqpHook, queue: str, dead_letter_queue: str | None, log: Log) -> Account | None:
+    """The account once no consumer holds an item of the queue: items still held (unacked) by pods of an
+    earlier, deleted Job count as neither left nor processed until those pods let go. Waits up to
+    :data:`IN_FLIGHT_GRACE_SECONDS` for that, then takes the account as it is."""
+    deadline = time.monotonic() + IN_FLIGHT_GRACE_SECONDS
+    while True:
+        account = amqp.item_account(queue, dead_letter_queue)
+        if account is None or account.complete or time.monotonic() > deadline:
+            return account
+        consumers = amqp.queue_depth(queue).consumers
+        if not consumers:
+            return account
+        log.info("%d consumer(s) still hold items of queue %r (pods of an earlier Job?): waiting for them to finish "
+                 "or let go before the account is taken (%s).", consumers, queue, account.describe())
+        time.sleep(2)
 
 
 def _verify_depth(job_name: str, verification: Verification, log: Log, *, filled_by_us: bool) -> dict[str, Any]:

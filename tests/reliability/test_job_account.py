@@ -122,3 +122,28 @@ def test_a_job_deleted_by_its_ttl_at_once_still_reports_success(amqp_conn, kube_
         time.sleep(0.2)
     summary = operator.execute_complete(task_context(), event)
     assert summary["succeeded"] == 3 and account(summary) == (3, 3, 0, 0, 0, 0)
+
+
+def test_a_relaunch_while_killed_pods_still_hold_items_counts_those_items(amqp_conn, kube_conn, cluster, core, batch,
+                                                                         namespace, queue_name, tmp_path):
+    """The waiting task is killed (its Job deleted) while two pods hold an item each; the retry launches at
+    once, before those pods have let go. Completions must count the held (unacked) items too, not just the
+    ready ones, or the new Job ends with items left."""
+    started, gate = tmp_path / "started", tmp_path / "go"
+    started.mkdir()
+    # the worker notes its item, waits for the gate, and on SIGTERM gives up its item only after 3 s
+    command = worker_script(tmp_path, f'trap "sleep 3; exit 143" TERM\ntouch "{started}/$item"\n'
+                                      f'while [ ! -e {gate} ]; do sleep 0.2; done\n{PRINT}')
+    filled(queue_name, FRUIT[:4])
+    launched = job_op(queue_name, namespace, command, wait_for_completion=False).execute(task_context())
+    deadline = time.monotonic() + 120
+    while len(list(started.iterdir())) < 2:
+        assert time.monotonic() < deadline, "two pods did not take an item each"
+        time.sleep(0.1)
+    batch.delete_namespaced_job(launched["job_name"], namespace, propagation_policy="Background")  # the kill
+    retry = job_op(queue_name, namespace, command, wait_for_completion=False).execute(task_context(try_number=2))
+    gate.touch()
+    assert batch.read_namespaced_job(retry["job_name"], namespace).spec.completions == 4, \
+        "the two items still held by the deleted Job's pods were not counted"
+    summary = job_op(queue_name, namespace, command).execute(task_context(try_number=2))  # re-attaches, waits
+    assert account(summary)[:5] == (4, 4, 0, 0, 0)

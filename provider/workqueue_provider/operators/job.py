@@ -12,7 +12,13 @@ from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
 from airflow.sdk import BaseOperator
 
 from workqueue_provider.compat import AirflowSkipException
-from workqueue_provider.completion import Verification, conclude, finish_from_event, stuck_job_error
+from workqueue_provider.completion import (
+    IN_FLIGHT_GRACE_SECONDS,
+    Verification,
+    conclude,
+    finish_from_event,
+    stuck_job_error,
+)
 from workqueue_provider.exceptions import ConfigurationError, JobError, WorkQueueError
 from workqueue_provider.hooks.amqp import AmqpHook
 from workqueue_provider.hooks.jobs import JobsHook
@@ -216,13 +222,14 @@ class QueueJobOperator(BaseOperator):
         RabbitMQQueueLink.persist(context, amqp_conn_id=self.amqp_conn_id, queue_name=options.queue_name, log=self.log)
         pod_url = self.amqp.settings.url(host=self.pod_broker_host, port=_as_int(self.pod_broker_port, "pod_broker_port"))
         name, existing = self._latest_generation(self.resolve_job_name(context), options.namespace)
-        if existing is not None and (not assess(existing).done or self._outstanding(options.queue_name) == 0):
+        over = existing is not None and (assess(existing).done or bool(existing["metadata"].get("deletionTimestamp")))
+        if existing is not None and (not over or self._outstanding(options.queue_name) == 0):
             self._reattach(existing, options)
         else:
             if existing is not None:
-                self.log.info("Job %s/%s from an earlier attempt has finished (%s) with items left in queue %r: "
-                              "launching a new Job for them.", options.namespace, name, assess(existing).progress(),
-                              options.queue_name)
+                self.log.info("Job %s/%s from an earlier attempt has finished or is being deleted (%s) with items left "
+                              "in queue %r: launching a new Job for them.", options.namespace, name,
+                              assess(existing).progress(), options.queue_name)
                 name = next_generation(name)
             name = self._launch(name, options, pod_url)
         self._launched = (name, options.namespace)
@@ -260,6 +267,19 @@ class QueueJobOperator(BaseOperator):
             return max(0, account.filled - account.processed - account.dead_lettered)
         return self.amqp.queue_depth(queue_name).messages
 
+    def _wait_for_items_in_flight(self, queue_name: str, outstanding: int) -> None:
+        """Pods of an earlier Job that was deleted (a kill, a stuck image) may still hold items unacked for
+        their termination grace period. New pods started meanwhile would find the queue empty, exit 0 and
+        let the new Job complete with those items still to do: wait (bounded) until no consumer is left."""
+        deadline = time.monotonic() + IN_FLIGHT_GRACE_SECONDS
+        depth = self.amqp.queue_depth(queue_name)
+        while depth.consumers and outstanding > depth.messages and time.monotonic() < deadline:
+            self.log.info("%d item(s) of queue %r are still held by %d consumer(s) (pods of an earlier Job?): waiting "
+                          "for them to finish or let go before launching.", outstanding - depth.messages, queue_name,
+                          depth.consumers)
+            time.sleep(2)
+            depth = self.amqp.queue_depth(queue_name)
+
     def _reattach(self, job: dict[str, Any], options: JobOptions) -> None:
         name = job["metadata"]["name"]
         found = (job["metadata"].get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
@@ -278,6 +298,7 @@ class QueueJobOperator(BaseOperator):
     def _launch(self, name: str, options: JobOptions, pod_url: str) -> str:
         """Create the Job (and its Secret); returns its name."""
         items = self._outstanding(options.queue_name)
+        self._wait_for_items_in_flight(options.queue_name, items)
         if items == 0:
             raise AirflowSkipException(f"Queue {options.queue_name!r} is empty: no Job created.")
         if options.completions is not None and options.items_per_pod is not None:
