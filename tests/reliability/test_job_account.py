@@ -147,3 +147,41 @@ def test_a_relaunch_while_killed_pods_still_hold_items_counts_those_items(amqp_c
         "the two items still held by the deleted Job's pods were not counted"
     summary = job_op(queue_name, namespace, command).execute(task_context(try_number=2))  # re-attaches, waits
     assert account(summary)[:5] == (4, 4, 0, 0, 0)
+
+
+def test_a_secret_left_unowned_by_a_dead_attempt_is_adopted_on_reattach(amqp_conn, kube_conn, cluster, core,
+                                                                       namespace, queue_name, tmp_path, monkeypatch):
+    """The first attempt died between creating the Job and making it own its Secret: the retry re-attaches
+    and adopts it, so deleting the Job (its TTL, a kill) deletes the Secret with the broker password too."""
+    from workqueue_provider.hooks.jobs import JobsHook
+
+    filled(queue_name, FRUIT[:1])
+    command = worker_script(tmp_path, PRINT)
+    with monkeypatch.context() as patch:
+        patch.setattr(JobsHook, "adopt_secret", lambda *a: (_ for _ in ()).throw(SystemExit("worker died")))
+        with pytest.raises(SystemExit):
+            job_op(queue_name, namespace, command, wait_for_completion=False).execute(task_context())
+    name = job_op(queue_name, namespace, command, wait_for_completion=False).execute(task_context(try_number=2))["job_name"]
+    job = __import__("kubernetes").client.BatchV1Api(cluster.api_client()).read_namespaced_job(name, namespace)
+    secret = core.read_namespaced_secret(f"{name}-broker", namespace)
+    assert [ref.uid for ref in secret.metadata.owner_references or []] == [job.metadata.uid]
+
+
+def test_a_concurrent_attempt_that_created_the_job_first_keeps_its_secret(amqp_conn, kube_conn, cluster, core,
+                                                                         namespace, queue_name, tmp_path, monkeypatch):
+    from workqueue_provider.hooks.jobs import JobsHook
+
+    filled(queue_name, FRUIT[:1])
+    command = worker_script(tmp_path, PRINT)
+    real_create = JobsHook.create_job
+
+    def raced(self, job):  # another attempt creates the same Job just before this one does
+        real_create(self, job)
+        return real_create(self, job)  # 409 Conflict
+    monkeypatch.setattr(JobsHook, "create_job", raced)
+    name = job_op(queue_name, namespace, command, wait_for_completion=False).execute(task_context())["job_name"]
+    monkeypatch.setattr(JobsHook, "create_job", real_create)
+    secret = core.read_namespaced_secret(f"{name}-broker", namespace)  # not deleted by the losing attempt
+    assert secret.metadata.owner_references, "the Job owns its Secret"
+    summary = job_op(queue_name, namespace, command).execute(task_context())
+    assert account(summary)[:5] == (1, 1, 0, 0, 0)
