@@ -172,3 +172,14 @@ def test_an_unknown_kubernetes_connection_is_a_configuration_error(monkeypatch):
     set_amqp_conn(monkeypatch, credentials_secret="creds", kubernetes_conn_id="no_such_kubernetes_conn")
     with pytest.raises(ConfigurationError, match="Kubernetes connection 'no_such_kubernetes_conn' can't be used"):
         _ = AmqpHook().settings
+
+
+def test_a_password_read_from_a_secret_is_masked_in_airflows_logs(monkeypatch, fake_kube):
+    """Airflow masks connection passwords itself, not one read from a Kubernetes Secret: it is registered."""
+    from airflow.sdk.log import mask_secret as real_mask_secret  # noqa: F401 - the API the provider calls
+
+    masked: list[object] = []
+    monkeypatch.setattr("workqueue_provider.compat.mask_secret", masked.append)
+    set_amqp_conn(monkeypatch, credentials_secret="rabbitmq-credentials", credentials_namespace="brokers")
+    assert AmqpHook().settings.password == PASSWORD
+    assert masked == [PASSWORD]
