@@ -16,7 +16,7 @@ from tests.reliability.test_job_faults import job_op, processed, worker_script
 from workqueue_provider.exceptions import JobError
 from workqueue_provider.operators.queue import DeclareQueueOperator, DeleteQueueOperator, FillQueueOperator
 
-pytestmark = [pytest.mark.integration, pytest.mark.cluster]
+pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.both_brokers]
 FRUIT = ["apple", "banana", "cherry", "date", "fig", "grape"]
 PRINT = 'echo "Processing $item"\n'
 

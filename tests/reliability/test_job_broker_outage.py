@@ -16,7 +16,7 @@ from workqueue_provider.exceptions import JobError
 from workqueue_provider.hooks.amqp import AmqpHook
 from workqueue_provider.operators.queue import DeclareQueueOperator, FillQueueOperator
 
-pytestmark = [pytest.mark.integration, pytest.mark.cluster]
+pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.both_brokers]
 ITEMS = [f"item-{i:02d}" for i in range(20)]
 SLOW = 'echo "Processing $item"\nsleep 1\n'
 RECONNECTED = re.compile(r"Reconnected to the broker .* after (?P<seconds>[\d.]+) s")
