@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-import ssl
 import subprocess
 import tempfile
 import time
@@ -37,7 +36,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
 from workqueue_provider.amqp import receipts
-from workqueue_provider.amqp.connection import BrokerSettings, open_connection
+from workqueue_provider.amqp.connection import BrokerSettings, is_transient, open_connection
 from workqueue_provider.exceptions import BrokerError, BrokerUnreachableError, ConfigurationError
 from workqueue_provider.worker.queue_arguments import dead_letter_exchange
 
@@ -177,13 +176,6 @@ class _Session:
         return isinstance(error, (pika.exceptions.AMQPConnectionError, pika.exceptions.ConnectionClosed,
                                   pika.exceptions.StreamLostError, ConnectionError, OSError)) or (
             self.connection is not None and self.connection.is_closed)
-
-
-def is_transient(error: BrokerError) -> bool:
-    """An outage worth waiting out: no answer, or the connection dropped. Not a refusal, not a TLS failure."""
-    if not isinstance(error, BrokerUnreachableError):
-        return False
-    return not isinstance(error.__cause__, ssl.SSLError) and "TLS handshake" not in str(error)
 
 
 def consume(settings: BrokerSettings, options: ConsumeOptions) -> ConsumeResult:
