@@ -110,16 +110,7 @@ def reset(connection: Any, queue_name: str) -> int:
 
 def record_fill(connection: Any, queue_name: str, fill_id: str, count: int) -> None:
     """Write the fill record (confirmed): ``count`` items of ``fill_id`` were published to the queue."""
-    channel = connection.channel()
-    channel.confirm_delivery()
-    headers = {RECORD_HEADER: FILL_RECORD, FILL_HEADER: fill_id, COUNT_HEADER: count}
-    try:
-        channel.basic_publish("", receipts_queue(queue_name), b"",
-                              pika.BasicProperties(delivery_mode=_PERSISTENT, headers=headers), mandatory=True)
-    except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as e:
-        raise BrokerError(f"The broker refused the fill record of queue {queue_name!r} ({e!r}): "
-                          f"does {receipts_queue(queue_name)!r} exist?") from e
-    channel.close()
+    _publish_record(connection, queue_name, {RECORD_HEADER: FILL_RECORD, FILL_HEADER: fill_id, COUNT_HEADER: count})
 
 
 # -- telling a retry's own messages from others', without touching the work queue ------------------
@@ -183,6 +174,7 @@ def last_fill(connection: Any, queue_name: str) -> FillTrace | None:
 
 
 def _publish_record(connection: Any, queue_name: str, headers: dict[str, Any]) -> None:
+    """Publish one record to the ledger and wait for its confirm."""
     channel = connection.channel()
     channel.confirm_delivery()
     try:
