@@ -23,8 +23,10 @@ def setup_airflow_env() -> None:
     os.environ["AIRFLOW_CONN_AMQP_DEFAULT"] = BROKER_URL
 
 
-def task_context(dag_id: str = "bench", task_id: str = "fill", run_id: str = "bench__1") -> dict:
-    """The part of an Airflow context FillQueueOperator reads (same as tests/conftest.py)."""
+def task_context(dag_id: str = "work_queue_example", task_id: str = "fill_queue",
+                 run_id: str = "scheduled__2026-01-01T00:00:00+00:00") -> dict:
+    """The part of an Airflow context FillQueueOperator reads (same as tests/conftest.py), with the ids of a
+    real scheduled run: the fill's id is in every message (as a key), so a toy id would flatter the figures."""
     from types import SimpleNamespace
 
     ti = SimpleNamespace(dag_id=dag_id, task_id=task_id, run_id=run_id, map_index=-1, try_number=1)

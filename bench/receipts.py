@@ -32,7 +32,7 @@ import pika  # noqa: E402
 
 from workqueue_provider.amqp import receipts  # noqa: E402
 from workqueue_provider.amqp.connection import BrokerSettings, open_connection  # noqa: E402
-from workqueue_provider.amqp.queues import QueueSpec, declare, delete  # noqa: E402
+from workqueue_provider.amqp.queues import QueueSpec, declare, delete, fill_key  # noqa: E402
 
 BROKER_URL = os.environ.get("WORKQUEUE_BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
 CONSUME = [sys.executable, "-m", "workqueue_provider.worker.cli"]
@@ -48,7 +48,7 @@ def fill(queue: str, items: int, ledger: bool) -> None:
     channel.confirm_delivery()
     for index in range(items):
         channel.basic_publish("", queue, f"item-{index}".encode(), pika.BasicProperties(
-            delivery_mode=2, message_id=receipts.message_id_for(index), headers={receipts.FILL_HEADER: "bench"}))
+            delivery_mode=2, message_id=receipts.message_id_for(index), headers={receipts.FILL_HEADER: fill_key("bench")}))
     if ledger:
         receipts.record_fill(connection, queue, "bench", items)
     connection.close()
@@ -85,7 +85,7 @@ def ledger_read(count: int) -> dict[str, float]:
     for index in range(count):
         channel.basic_publish("", receipts.receipts_queue(queue), b"", pika.BasicProperties(
             delivery_mode=2, message_id=str(index),
-            headers={receipts.RECORD_HEADER: receipts.PROCESSED_RECORD, receipts.FILL_HEADER: "bench"}))
+            headers={receipts.RECORD_HEADER: receipts.PROCESSED_RECORD, receipts.FILL_HEADER: fill_key("bench")}))
     while receipts.read_account(connection, queue) is None:
         time.sleep(0.5)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

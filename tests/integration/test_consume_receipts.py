@@ -70,6 +70,7 @@ def test_a_ledger_of_thousands_of_receipts_is_read_whole_and_left_in_place(amqp_
     import pika
 
     from workqueue_provider.amqp import receipts
+    from workqueue_provider.amqp.queues import fill_key
 
     count = 2500
     prepare(queue_name, ["x"])
@@ -79,7 +80,7 @@ def test_a_ledger_of_thousands_of_receipts_is_read_whole_and_left_in_place(amqp_
     fill_id = account(queue_name).fill_id
     for index in range(count):
         receipts.record_processed(channel, queue_name, pika.BasicProperties(
-            message_id=str(index % 2000), headers={receipts.FILL_HEADER: fill_id}))
+            message_id=str(index % 2000), headers={receipts.FILL_HEADER: fill_key(fill_id)}))
     connection.close()
     for _ in range(2):
         found = account(queue_name)

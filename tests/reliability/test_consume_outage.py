@@ -15,7 +15,7 @@ import pytest
 from tests.reliability.test_broker_faults import CONSUME_ENV, WORKQUEUE_CONSUME
 from workqueue_provider.amqp import receipts
 from workqueue_provider.amqp.connection import BrokerSettings, open_connection
-from workqueue_provider.amqp.queues import QueueSpec, declare
+from workqueue_provider.amqp.queues import QueueSpec, declare, fill_key
 from workqueue_provider.worker.consume import EXIT_BROKER
 
 pytestmark = [pytest.mark.integration]
@@ -32,7 +32,7 @@ def fill(url: str, queue: str, items: list[str]) -> None:
     channel.confirm_delivery()
     for index, item in enumerate(items):
         channel.basic_publish("", queue, item.encode(), pika.BasicProperties(
-            delivery_mode=2, message_id=receipts.message_id_for(index), headers={receipts.FILL_HEADER: "outage"}))
+            delivery_mode=2, message_id=receipts.message_id_for(index), headers={receipts.FILL_HEADER: fill_key("outage")}))
     receipts.record_fill(connection, queue, "outage", len(items))
     connection.close()
 

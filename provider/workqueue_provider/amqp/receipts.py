@@ -29,11 +29,12 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
-from workqueue_provider.amqp.queues import DEAD_LETTER_SUFFIX, FILL_HEADER, depth
+from workqueue_provider.amqp.queues import DEAD_LETTER_SUFFIX, FILL_HEADER, depth, fill_key
 from workqueue_provider.exceptions import BrokerError, QueueNotFoundError
 
 RECEIPTS_SUFFIX = ".receipts"
 RECORD_HEADER = "x-workqueue-record"  # "fill" or "processed"
+FILL_NAME_HEADER = "x-workqueue-fill-id"  # on the ledger's fill records: the full fill id (DAG/task/run)
 COUNT_HEADER = "x-workqueue-count"  # on a fill record: items published
 FILL_RECORD = "fill"
 PROCESSED_RECORD = "processed"
@@ -110,19 +111,20 @@ def reset(connection: Any, queue_name: str) -> int:
 
 def record_fill(connection: Any, queue_name: str, fill_id: str, count: int) -> None:
     """Write the fill record (confirmed): ``count`` items of ``fill_id`` were published to the queue."""
-    _publish_record(connection, queue_name, {RECORD_HEADER: FILL_RECORD, FILL_HEADER: fill_id, COUNT_HEADER: count})
+    _publish_record(connection, queue_name, {RECORD_HEADER: FILL_RECORD, **_fill_headers(fill_id), COUNT_HEADER: count})
 
 
 # -- telling a retry's own messages from others', without touching the work queue ------------------
 def record_fill_started(connection: Any, queue_name: str, fill_id: str, count: int) -> None:
     """Write that ``fill_id`` sets out to publish ``count`` items (after :func:`reset`, before publishing)."""
-    _publish_record(connection, queue_name, {RECORD_HEADER: STARTED_RECORD, FILL_HEADER: fill_id, COUNT_HEADER: count})
+    _publish_record(connection, queue_name, {RECORD_HEADER: STARTED_RECORD, **_fill_headers(fill_id),
+                                             COUNT_HEADER: count})
 
 
 def record_fill_stopped(connection: Any, queue_name: str, fill_id: str, confirmed: int, depth: int) -> None:
     """Write that an attempt of ``fill_id`` failed with ``confirmed`` items confirmed, leaving the queue
     ``depth`` deep (its confirmed messages plus those whose confirm never came but were stored)."""
-    _publish_record(connection, queue_name, {RECORD_HEADER: STOPPED_RECORD, FILL_HEADER: fill_id,
+    _publish_record(connection, queue_name, {RECORD_HEADER: STOPPED_RECORD, **_fill_headers(fill_id),
                                              COUNT_HEADER: depth, CONFIRMED_HEADER: confirmed})
 
 
@@ -165,12 +167,17 @@ def last_fill(connection: Any, queue_name: str) -> FillTrace | None:
             stopped = headers
     if started is None:
         return None
-    fill_id = _text(started.get(FILL_HEADER)) or ""
+    key, fill_id = _text(started.get(FILL_HEADER)), _text(started.get(FILL_NAME_HEADER)) or ""
     processed = {message_id for headers, message_id in records
-                 if _text(headers.get(RECORD_HEADER)) == PROCESSED_RECORD and _text(headers.get(FILL_HEADER)) == fill_id}
+                 if _text(headers.get(RECORD_HEADER)) == PROCESSED_RECORD and _text(headers.get(FILL_HEADER)) == key}
     return FillTrace(fill_id=fill_id, count=int(started.get(COUNT_HEADER) or 0), complete=finished is not None,
                      depth_at_stop=None if stopped is None else int(stopped.get(COUNT_HEADER) or 0),
                      processed=len(processed))
+
+
+def _fill_headers(fill_id: str) -> dict[str, str]:
+    """A record names its fill by key (as the items and receipts do) and in full (for people)."""
+    return {FILL_HEADER: fill_key(fill_id), FILL_NAME_HEADER: fill_id}
 
 
 def _publish_record(connection: Any, queue_name: str, headers: dict[str, Any]) -> None:
@@ -240,12 +247,12 @@ def read_account(connection: Any, queue_name: str, dead_letter_queue: str | None
         return None
     if fill is None:
         return None
-    fill_id = _text(fill.get(FILL_HEADER))
-    processed = len(seen.get(fill_id, ()))
+    key, fill_id = _text(fill.get(FILL_HEADER)), _text(fill.get(FILL_NAME_HEADER))
+    processed = len(seen.get(key, ()))
     left = depth(connection, queue_name).messages
     dead = _dead_letters(connection, queue_name, dead_letter_queue)
     return Account(fill_id=fill_id or "", filled=int(fill.get(COUNT_HEADER) or 0), processed=processed,
-                   duplicated=receipts.get(fill_id, 0) - processed, dead_lettered=dead, left=left,
+                   duplicated=receipts.get(key, 0) - processed, dead_lettered=dead, left=left,
                    consumers=consumers)
 
 

@@ -14,7 +14,7 @@ from airflow.sdk import BaseOperator, XComArg
 
 from workqueue_provider.amqp import receipts
 from workqueue_provider.amqp.publisher import DEFAULT_WINDOW, PublishResult
-from workqueue_provider.amqp.queues import DEAD_LETTER_SUFFIX, FILL_HEADER, QueueSpec, validate_queue_name
+from workqueue_provider.amqp.queues import DEAD_LETTER_SUFFIX, FILL_HEADER, QueueSpec, fill_key, validate_queue_name
 from workqueue_provider.exceptions import (
     ConfigurationError,
     ItemSourceError,
@@ -239,7 +239,7 @@ class FillQueueOperator(BaseOperator):
             try:
                 result = self.hook.publish(
                     self.queue_name, spool.bodies(), total=spool.count, window=self.window,
-                    content_type=encoder.content_type, headers={FILL_HEADER: fill_id},
+                    content_type=encoder.content_type, headers={FILL_HEADER: fill_key(fill_id)},
                     message_ids=receipts.message_id_for,
                     on_progress=lambda done, secs: self.log.info(
                         "Published %d/%d items to %r (%.0f items/s).", done, spool.count, self.queue_name,
