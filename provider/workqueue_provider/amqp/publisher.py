@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -64,6 +65,7 @@ class _ConfirmedPublish:
         self.confirmed = 0
         self.refused = 0  # nacked by the broker (a full queue with x-overflow=reject-publish, ...)
         self.unconfirmed: dict[int, int] = {}  # delivery tag -> body size, of messages not yet acked or nacked
+        self.publish_order: deque[int] = deque()  # their tags in publish order (settled ones are skipped)
         self.unconfirmed_bytes = 0
         self.exhausted = False
         self.error: BaseException | None = None
@@ -153,6 +155,7 @@ class _ConfirmedPublish:
             self.channel.basic_publish("", self.routing_key, body, self.properties, mandatory=True)
             self.published += 1  # = the message's delivery tag: tags count from 1 in publish order
             self.unconfirmed[self.published] = len(body)
+            self.publish_order.append(self.published)
             self.unconfirmed_bytes += len(body)
         if self._done() and self.error is None:
             if self.refused:
@@ -177,15 +180,19 @@ class _ConfirmedPublish:
     def _settle(self, tag: int, multiple: bool) -> int:
         """Forget the messages a confirm settles (``multiple``: every one up to ``tag``; confirms may
         come out of order: nacks of a full queue before the acks of what it stored); how many."""
-        tags = [tag] if not multiple else []
-        if multiple:
-            for unsettled in self.unconfirmed:  # in publish order
-                if unsettled > tag:
-                    break
-                tags.append(unsettled)
-        for settled in tags:
-            self.unconfirmed_bytes -= self.unconfirmed.pop(settled, 0)
-        return len(tags)
+        if not multiple:
+            size = self.unconfirmed.pop(tag, None)
+            if size is None:
+                return 0
+            self.unconfirmed_bytes -= size
+            return 1
+        settled = 0
+        while self.publish_order and self.publish_order[0] <= tag:  # O(1) each: no scan of settled tags
+            size = self.unconfirmed.pop(self.publish_order.popleft(), None)
+            if size is not None:
+                self.unconfirmed_bytes -= size
+                settled += 1
+        return settled
 
     def _refusal(self) -> PublishError:
         return PublishError(
