@@ -117,6 +117,9 @@ def main() -> int:
     with control_plane() as (kubeconfig, cluster), tempfile.TemporaryDirectory(prefix="workqueue-demo-") as home:
         result = run_example_dag(kubeconfig, home)
         report(kubeconfig, cluster, os.environ.get("WORKQUEUE_NAMESPACE", "default"))
+    for line in result.stdout.splitlines():  # the item account, as the wait task logged it
+        if "Item account of queue" in line:
+            print("demo: " + line[line.index("Item account of queue"):].split(" [")[0], flush=True)
     ok = dag_run_succeeded(result)
     print(f"demo: DAG {DAG_ID} {'succeeded' if ok else 'FAILED'} in {time.monotonic() - started:.0f} s", flush=True)
     return 0 if ok else 1
