@@ -1,4 +1,4 @@
-"""Issue 5 target 4: short items, drain mode vs one item per pod, same parallelism, on the local control plane.
+"""Drain mode target: short items, drain mode vs one item per pod, same parallelism, on the local control plane.
 
     PYTHONPATH=. python bench/drain.py            # 200 items each way (the target), then 1,000 drained for the record
     PYTHONPATH=. python bench/drain.py --full     # both ways on all 1,000 items (about 5x longer)

@@ -1,4 +1,4 @@
-"""Issue 5 target 5: 100,000 items through the example DAG in drain mode, parallelism 10, local control plane.
+"""Scale target: 100,000 items through the example DAG in drain mode, parallelism 10, local control plane.
 
     PYTHONPATH=. python bench/scale.py                 # 100,000 items (and the 8-item reference run)
     PYTHONPATH=. python bench/scale.py --items 5000    # a smaller run (a smoke test)

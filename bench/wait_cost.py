@@ -1,4 +1,4 @@
-"""Issue 5 target 3: what waiting on a running Job costs the Kubernetes API server, and how fast the
+"""Waiting-cost target: what waiting on a running Job costs the Kubernetes API server, and how fast the
 end is noticed: our JobCompleteTrigger (a watch) vs the cncf provider's KubernetesJobTrigger (polls
 ``read_namespaced_job_status`` every ``poll_interval``, default 10 s), side by side on the same Job.
 
