@@ -110,6 +110,8 @@ echo "Processing $item"
 """)
     summary = job_op(queue_name, namespace, command).execute(task_context())
     assert summary["succeeded"] == 4 and summary["items_left"] == 0
+    account = {k: summary["account"][k] for k in ("filled", "processed", "dead_lettered", "left", "lost", "duplicated")}
+    assert account == {"filled": 4, "processed": 4, "dead_lettered": 0, "left": 0, "lost": 0, "duplicated": 0}
     assert processed(cluster, core, namespace, summary["job_name"]) == sorted(f"Processing {i}" for i in items)
     lines = worker_output(cluster, core, namespace, summary["job_name"])
     assert sum("SIGKILL to the consumer" in line for line in lines) == 1
@@ -313,6 +315,8 @@ echo "Processing $item"
     summary = job_op(queue_name, namespace, command, dead_letter_queue=dead, backoff_limit=10,
                      fail_on_dead_letters=False).execute(task_context(try_number=2))
     assert summary["items_left"] == 0 and summary["dead_lettered"] == 1 and summary["dead_letter_queue"] == dead
+    account = {k: summary["account"][k] for k in ("filled", "processed", "dead_lettered", "left", "lost", "duplicated")}
+    assert account == {"filled": 4, "processed": 3, "dead_lettered": 1, "left": 0, "lost": 0, "duplicated": 0}
     assert summary["succeeded"] == 4
     assert processed(cluster, core, namespace, summary["job_name"]) == sorted(f"Processing {i}" for i in items
                                                                               if i != "poison")
