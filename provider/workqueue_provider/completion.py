@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from workqueue_provider.amqp.receipts import Account
-from workqueue_provider.exceptions import JobError, QueueNotFoundError
+from workqueue_provider.exceptions import ConfigurationError, JobError, QueueNotFoundError
 from workqueue_provider.hooks.amqp import AmqpHook
 from workqueue_provider.hooks.jobs import JobsHook
 from workqueue_provider.kube.job_status import JobAssessment, JobPhase, assess, condition
@@ -36,6 +36,12 @@ class Verification:
     queue_name: str | None
     dead_letter_queue: str | None = None
     fail_on_dead_letters: bool = True
+
+
+def check_seconds(value: Any, name: str) -> None:
+    """Waiting knobs: a positive number of seconds (``poll_interval=0`` would poll in a tight loop)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigurationError(f"{name}={value!r} must be a positive number of seconds.")
 
 
 def conclude(job: dict[str, Any], jobs: JobsHook, verification: Verification, log: Log) -> dict[str, Any]:

@@ -24,3 +24,12 @@ def test_waiting_knobs_are_checked_before_anything_is_created(knob, value):
 
 def test_the_dead_letter_queue_is_templated_like_the_sensors():
     assert "dead_letter_queue" in QueueJobOperator.template_fields
+
+
+def test_the_sensors_grace_period_is_checked_before_any_call():
+    from workqueue_provider.sensors.job import JobCompleteSensor
+
+    sensor = JobCompleteSensor(task_id="wait", job_name="j", image_pull_grace_seconds=0)
+    sensor.__dict__["jobs"] = None  # any call to Kubernetes fails
+    with pytest.raises(ConfigurationError, match="image_pull_grace_seconds=0 must be a positive number of seconds"):
+        sensor.execute(task_context())

@@ -15,6 +15,7 @@ from workqueue_provider.compat import AirflowSkipException
 from workqueue_provider.completion import (
     IN_FLIGHT_GRACE_SECONDS,
     Verification,
+    check_seconds,
     conclude,
     finish_from_event,
     stuck_job_error,
@@ -215,10 +216,10 @@ class QueueJobOperator(BaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any] | None:
         options = self.job_options()
-        _check_seconds(self.timeout, "timeout")
-        _check_seconds(self.poll_interval, "poll_interval")
+        check_seconds(self.timeout, "timeout")
+        check_seconds(self.poll_interval, "poll_interval")
         if self.image_pull_grace_seconds is not None:
-            _check_seconds(self.image_pull_grace_seconds, "image_pull_grace_seconds")
+            check_seconds(self.image_pull_grace_seconds, "image_pull_grace_seconds")
         RabbitMQQueueLink.persist(context, amqp_conn_id=self.amqp_conn_id, queue_name=options.queue_name, log=self.log)
         pod_url = self.amqp.settings.url(host=self.pod_broker_host, port=_as_int(self.pod_broker_port, "pod_broker_port"))
         name, existing = self._latest_generation(self.resolve_job_name(context), options.namespace)
@@ -389,9 +390,3 @@ def _as_int(value: Any, name: str) -> int | None:
     if isinstance(value, str) and value.strip() in ("", "None"):
         return None
     raise ConfigurationError(f"{name} rendered to {value!r} ({type(value).__name__}), not a whole number.")
-
-
-def _check_seconds(value: Any, name: str) -> None:
-    """Waiting knobs: a positive number of seconds (``poll_interval=0`` would poll in a tight loop)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ConfigurationError(f"{name}={value!r} must be a positive number of seconds.")

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 
-from workqueue_provider.completion import Verification, conclude, finish_from_event, stuck_error
+from workqueue_provider.completion import Verification, check_seconds, conclude, finish_from_event, stuck_error
 from workqueue_provider.exceptions import JobError
 from workqueue_provider.hooks.amqp import AmqpHook
 from workqueue_provider.hooks.jobs import JobsHook
@@ -79,6 +79,8 @@ class JobCompleteSensor(BaseSensorOperator):
         return Verification(self.amqp_conn_id, self.queue_name, self.dead_letter_queue, self.fail_on_dead_letters)
 
     def execute(self, context: Context) -> Any:
+        if self.image_pull_grace_seconds is not None:
+            check_seconds(self.image_pull_grace_seconds, "image_pull_grace_seconds")
         if self.queue_name:
             RabbitMQQueueLink.persist(context, amqp_conn_id=self.amqp_conn_id, queue_name=self.queue_name, log=self.log)
         if not self.deferrable:
