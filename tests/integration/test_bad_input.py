@@ -29,6 +29,7 @@ from tests.cluster.local_cluster import free_port
 from tests.conftest import task_context
 from workqueue_provider.amqp import queues
 from workqueue_provider.amqp.connection import BrokerSettings, open_connection
+from workqueue_provider.compat import TaskDeferred
 from workqueue_provider.exceptions import (
     BrokerAuthError,
     BrokerError,
@@ -137,7 +138,6 @@ def deferred(make_task: Callable[[SimpleNamespace], Any]) -> Callable[[SimpleNam
     def run(t: SimpleNamespace) -> Any:
         import asyncio
 
-        from airflow.sdk.exceptions import TaskDeferred
 
         task = make_task(t)
         with pytest.raises(TaskDeferred) as deferral:

@@ -8,11 +8,11 @@ import time
 
 import pika
 import pytest
-from airflow.sdk.exceptions import TaskDeferred
 
 from tests.conftest import task_context
 from tests.integration.test_job_side import run_trigger
 from tests.reliability.test_job_faults import job_op, processed, worker_script
+from workqueue_provider.compat import TaskDeferred
 from workqueue_provider.exceptions import JobError
 from workqueue_provider.operators.queue import DeclareQueueOperator, DeleteQueueOperator, FillQueueOperator
 

@@ -13,10 +13,10 @@ from types import SimpleNamespace
 
 import pytest
 import structlog.testing
-from airflow.sdk.exceptions import TaskDeferred
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from tests.conftest import task_context, worker_output
+from workqueue_provider.compat import TaskDeferred
 from workqueue_provider.exceptions import JobError
 from workqueue_provider.hooks.amqp import AmqpHook
 from workqueue_provider.operators.job import QueueJobOperator

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from airflow.sdk.exceptions import TaskDeferred
 from kubernetes import client
 
 from tests.conftest import task_context, worker_output
 from tests.integration.test_broker_start import amqp_connection, register_local_rabbitmq
+from workqueue_provider.compat import TaskDeferred
 from workqueue_provider.exceptions import ConfigurationError, JobError
 from workqueue_provider.operators.broker import EnsureBrokerOperator
 from workqueue_provider.operators.job import QueueJobOperator

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import structlog.testing
-from airflow.sdk.exceptions import TaskDeferred
 
 from tests.conftest import task_context, worker_output
+from workqueue_provider.compat import TaskDeferred
 from workqueue_provider.exceptions import WorkQueueError
 from workqueue_provider.hooks.amqp import AmqpHook
 from workqueue_provider.operators.job import QueueJobOperator

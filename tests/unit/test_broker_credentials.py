@@ -176,7 +176,6 @@ def test_an_unknown_kubernetes_connection_is_a_configuration_error(monkeypatch):
 
 def test_a_password_read_from_a_secret_is_masked_in_airflows_logs(monkeypatch, fake_kube):
     """Airflow masks connection passwords itself, not one read from a Kubernetes Secret: it is registered."""
-    from airflow.sdk.log import mask_secret as real_mask_secret  # noqa: F401 - the API the provider calls
 
     masked: list[object] = []
     monkeypatch.setattr("workqueue_provider.compat.mask_secret", masked.append)
