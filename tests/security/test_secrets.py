@@ -34,7 +34,8 @@ def rabbitmqctl(*args: str) -> None:
 @pytest.fixture
 def secret_user(broker_url):
     """A broker user with a unique random password on the shared node (deleted afterwards)."""
-    user, password = f"wq-sec-{secrets.token_hex(4)}", secrets.token_urlsafe(24)
+    # "p" first: a password starting with "-" would be read as an option by rabbitmqctl
+    user, password = f"wq-sec-{secrets.token_hex(4)}", "p" + secrets.token_urlsafe(24)
     rabbitmqctl("add_user", user, password)
     try:
         rabbitmqctl("set_permissions", "-p", "/", user, ".*", ".*", ".*")
