@@ -262,8 +262,14 @@ def test_waiting_in_the_worker_rides_out_an_api_server_restart(amqp_conn, kube_c
     retries = [r.getMessage() for r in caplog.records if "reading again" in r.getMessage()]
     print(f"\nkube-apiserver away {away[0]:.1f} s; {len(retries)} reads retried, first: {retries[:1]}")
     assert retries, "the poll met the outage"
-    assert summary["succeeded"] == 6 and summary["items_left"] == 0
-    assert processed(cluster, core, namespace, summary["job_name"]) == sorted(f"Processing {i}" for i in items)
+    # the Job controller may start one pod too many around a restart (it then finds the queue empty and
+    # exits 0): the guarantee is the item account, every item processed, none lost, duplicates counted
+    assert summary["succeeded"] >= 6 and summary["items_left"] == 0
+    account = summary["account"]
+    assert (account["filled"], account["processed"], account["left"], account["lost"]) == (6, 6, 0, 0)
+    lines = processed(cluster, core, namespace, summary["job_name"])
+    assert sorted(set(lines)) == sorted(f"Processing {i}" for i in items)
+    assert len(lines) == 6 + account["duplicated"], "every extra run of an item is in the account"
 
 
 def test_a_410_gone_makes_the_watch_list_again(amqp_conn, kube_conn, cluster, namespace, queue_name, tmp_path,
