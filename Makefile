@@ -5,7 +5,7 @@ export WORKQUEUE_CACHE ?= $(HOME)/.cache/workqueue
 VENV = $(shell scripts/ensure-venv.sh)
 PYTEST_ARGS ?=
 
-.PHONY: venv broker test test-rabbitmq4 test-compat test-unit demo cluster bench lint
+.PHONY: venv broker test test-rabbitmq4 test-compat test-unit demo cluster dist docs bench lint
 
 venv:
 	@scripts/ensure-venv.sh
@@ -15,14 +15,17 @@ broker:
 	@scripts/ensure-rabbitmq.sh
 	@scripts/ensure-rabbitmq4.sh
 
-## make test: every test (unit, real broker, real control plane), then the broker-side tests again
-## against RabbitMQ 4.0, then the compat run. Services that can't start fail the run.
-## Every pass runs; the target fails if any of them failed.
+## make test: every test (unit, real broker, real control plane), then two passes side by side (their
+## lines prefixed): the broker-side tests again against RabbitMQ 4.0, and the compat run (Airflow
+## 3.1). Each pytest session starts its own control plane; most of their time is spent waiting on
+## brokers and pods, so side by side they take the time of the longer one on two cores.
+## Services that can't start fail the run. Every pass runs; the target fails if any of them failed.
 test: broker
 	@venv="$(VENV)"; status=0; \
 	CI=true "$$venv/bin/python" -m pytest $(PYTEST_ARGS) || status=1; \
-	$(MAKE) --no-print-directory test-rabbitmq4 || status=1; \
-	scripts/test-compat.sh || status=1; \
+	( $(MAKE) --no-print-directory test-rabbitmq4 2>&1 | sed -u 's/^/[rabbitmq-4.0] /'; exit $${PIPESTATUS[0]} ) & r4=$$!; \
+	( scripts/test-compat.sh 2>&1 | sed -u 's/^/[airflow-3.1] /'; exit $${PIPESTATUS[0]} ) & compat=$$!; \
+	wait $$r4 || status=1; wait $$compat || status=1; \
 	exit $$status
 
 ## make test-rabbitmq4: the broker-side tests (integration, reliability, TLS) against RabbitMQ 4.0:
@@ -53,15 +56,30 @@ demo: broker
 
 ## make cluster: start the local control plane in the foreground; prints the kubeconfig path.
 cluster:
-	@venv="$(VENV)"; "$$venv/bin/python" tests/cluster/local_cluster.py up
+	@venv="$(VENV)"; "$$venv/bin/python" tests/cluster/local_cluster.py up --kubeconfig-out "$(WORKQUEUE_CACHE)/local-cluster/kubeconfig"
+
+## make dist: the sdist and wheel a release would upload (the package is not on PyPI), into dist/,
+## checked with `twine check`. Install the wheel with `pip install dist/airflow_provider_workqueue-*.whl`.
+dist:
+	@venv="$(VENV)"; rm -rf dist; \
+	"$$venv/bin/python" -m build --outdir dist . && "$$venv/bin/twine" check --strict dist/*
+
+## make docs: the docs site (MkDocs, mkdocs.yml) into site/, strict: a broken internal link or a page
+## missing from the nav fails. The generated pages (operator reference, example DAG) are rewritten first.
+docs:
+	@venv="$(VENV)"; "$$venv/bin/python" scripts/docs.py && "$$venv/bin/mkdocs" build --strict --site-dir site
 
 ## make bench: every benchmark (ratios measured side by side; ~40 min). Figures: bench/results/.
-## Fill throughput and memory (bench/run.py), then on the local control plane: waiting cost,
-## drain mode, scale. Exits non-zero if any target is missed.
+## Fill throughput and memory (bench/run.py), the receipts' cost, the fill vs PerfTest (installed from
+## Maven Central when missing), the worker's per-item cost vs amqp-consume (amqp-tools installed when
+## missing) and the in-process API, then on the local control plane: waiting cost, drain mode, scale.
+## Exits non-zero if any target is missed.
 bench: broker
 	@venv="$(VENV)"; status=0; \
 	"$$venv/bin/python" bench/run.py || status=1; \
 	"$$venv/bin/python" bench/receipts.py || status=1; \
+	"$$venv/bin/python" bench/perftest.py || status=1; \
+	"$$venv/bin/python" bench/consumer.py || status=1; \
 	for b in wait_cost drain scale; do PYTHONPATH=. "$$venv/bin/python" bench/$$b.py || status=1; done; \
 	exit $$status
 

@@ -52,12 +52,10 @@ def set_kube_conn(conn_id: str, kubeconfig: str | os.PathLike) -> str:
     return conn_id
 
 
-def task_context(dag_id: str = "bench", task_id: str = "task", run_id: str | None = None) -> dict:
-    from types import SimpleNamespace
+def task_context(dag_id: str = "bench", task_id: str = "task", run_id: str | None = None) -> Any:
+    from tests.airflow_context import task_context as context
 
-    run_id = run_id or f"bench__{uuid.uuid4().hex[:8]}"
-    ti = SimpleNamespace(dag_id=dag_id, task_id=task_id, run_id=run_id, map_index=-1, try_number=1)
-    return {"ti": ti, "run_id": run_id, "task_instance": ti}
+    return context(dag_id, task_id, run_id or f"bench__{uuid.uuid4().hex[:8]}")
 
 
 def grant_job_reader(cluster: Any, users: list[str], namespace: str = "default") -> None:

@@ -5,13 +5,20 @@ from __future__ import annotations
 import contextlib
 import os
 import statistics
+import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # the benchmarks run as scripts; tests/airflow_context.py is shared with the tests
+    sys.path.insert(0, str(REPO))
+
+from tests import airflow_context  # noqa: E402
+
 BROKER_URL = os.environ.get("WORKQUEUE_BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 
@@ -23,14 +30,9 @@ def setup_airflow_env() -> None:
     os.environ["AIRFLOW_CONN_AMQP_DEFAULT"] = BROKER_URL
 
 
-def task_context(dag_id: str = "work_queue_example", task_id: str = "fill_queue",
-                 run_id: str = "scheduled__2026-01-01T00:00:00+00:00") -> dict:
-    """The part of an Airflow context FillQueueOperator reads (same as tests/conftest.py), with the ids of a
-    real scheduled run: the fill's id is in every message (as a key), so a toy id would flatter the figures."""
-    from types import SimpleNamespace
-
-    ti = SimpleNamespace(dag_id=dag_id, task_id=task_id, run_id=run_id, map_index=-1, try_number=1)
-    return {"ti": ti, "run_id": run_id, "task_instance": ti}
+def task_context(task_id: str = "fill_queue") -> Any:
+    """A context with the ids of a real scheduled run of the example DAG (see tests/airflow_context.py)."""
+    return airflow_context.task_context("work_queue_example", task_id, "scheduled__2026-01-01T00:00:00+00:00")
 
 
 def item(i: int) -> str:

@@ -66,6 +66,7 @@ def run_mode(cluster: Any, out_dir: Path, items: int, items_per_pod: int | None,
                                     items_per_pod=items_per_pod, env={"OUT": str(out)}, deferrable=False, poll_interval=0.5)
         started = time.monotonic()
         summary = operator.execute(ctx)
+        assert summary is not None, "the queue was empty: the Job was skipped"
         seconds = time.monotonic() - started
         left = queue_depth(queue)
         delete_job(cluster, summary["job_name"])

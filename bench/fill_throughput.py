@@ -4,7 +4,7 @@ A  FillQueueOperator.execute(): items -> spool_items -> AmqpHook.publish (pipeli
 B  pika BlockingChannel basic_publish loop, persistent, no confirms: bound by pika's BlockingChannel on the
    client, so a client-side reference, not the broker's ceiling (PerfTest measures that).
 C  pika BlockingChannel with confirm_delivery(): one wait per message.
-D  the seed: one ``amqp-publish`` process per item.
+D  the tutorial: one ``amqp-publish`` process per item.
 
 Every function returns a dict with ``items`` and ``seconds`` (and ``rate``); the queue is checked to
 hold exactly that many messages before it is deleted. bench/run.py runs each measurement in its own
@@ -109,8 +109,8 @@ def blocking_confirm_each(queue_type: str, n: int) -> dict[str, Any]:
     return _result(n, seconds, cpu)
 
 
-def seed_amqp_publish(queue_type: str, n: int) -> dict[str, Any]:
-    """D: the seed's loop, one ``amqp-publish -p`` process per item. amqp-tools reads a URL ending in
+def tutorial_amqp_publish(queue_type: str, n: int) -> dict[str, Any]:
+    """D: the tutorial's loop, one ``amqp-publish -p`` process per item. amqp-tools reads a URL ending in
     a bare '/' as vhost '', so the trailing slash (default vhost) is dropped."""
     url = BROKER_URL[:-1] if urlsplit(BROKER_URL).path == "/" else BROKER_URL
     with fresh_queue("D", queue_type) as queue:
@@ -122,7 +122,7 @@ def seed_amqp_publish(queue_type: str, n: int) -> dict[str, Any]:
     return _result(n, seconds, cpu)
 
 
-METHODS = {"A": fill_operator, "B": blocking_unconfirmed, "C": blocking_confirm_each, "D": seed_amqp_publish}
+METHODS = {"A": fill_operator, "B": blocking_unconfirmed, "C": blocking_confirm_each, "D": tutorial_amqp_publish}
 
 if __name__ == "__main__":
     # python bench/fill_throughput.py {A|B|C|D} {classic|quorum} N  ->  one JSON line on stdout

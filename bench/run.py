@@ -5,12 +5,13 @@
 
 Throughput (fresh durable queue per measurement, classic and quorum, each queue verified to hold
 exactly N messages, then deleted):
-  A  FillQueueOperator.execute(): items -> spool_items -> AmqpHook.publish, pipelined confirms (the operator's default window, 10,000)
+  A  FillQueueOperator.execute(): items -> spool_items -> AmqpHook.publish, pipelined confirms
+     (the operator's default window, 10,000)
   B  pika BlockingChannel basic_publish loop, persistent, unconfirmed: a client-bound reference, NOT the
      broker's ceiling (pika's BlockingChannel on the client limits it; A beats it). Comparing with the
      broker's real ceiling (RabbitMQ's PerfTest) is a separate measurement.
   C  pika BlockingChannel with confirm_delivery(), one wait per message (fewer items, rates compared)
-  D  the seed: one ``amqp-publish`` process per item (fewer items, rates compared)
+  D  the tutorial: one ``amqp-publish`` process per item (fewer items, rates compared)
 Measurements alternate (rounds interleave queue types, and the order flips each round); rates are
 medians, ratios the median of each round's paired ratio. Only ratios count: absolute rates drift with
 the machine's load. Each run also reports the publisher's CPU per message (load-insensitive).
@@ -53,7 +54,7 @@ NAMES = {
     "A": "FillQueueOperator.execute (spool + pipelined confirms, window 10,000)",
     "B": "pika BlockingChannel loop, unconfirmed (client-bound, not a ceiling)",
     "C": "BlockingChannel, confirm per message",
-    "D": "seed: one amqp-publish process per item",
+    "D": "tutorial: one amqp-publish process per item",
 }
 # (label, numerator, denominator, minimum ratio, source of the target)
 TARGETS = [
@@ -176,7 +177,8 @@ def markdown(report: dict[str, Any]) -> str:
         for m in "ABCD":
             lines.append(f"| {m}: {NAMES[m]} | {plan[m]:,} | {fmt_rate(t['classic']['median_rates'][m])} "
                          f"| {fmt_rate(t['quorum']['median_rates'][m])} "
-                         f"| {t['classic']['median_cpu_us_per_msg'][m]:,.0f} / {t['quorum']['median_cpu_us_per_msg'][m]:,.0f} µs |")
+                         f"| {t['classic']['median_cpu_us_per_msg'][m]:,.0f} / "
+                         f"{t['quorum']['median_cpu_us_per_msg'][m]:,.0f} µs |")
         lines.append(f"| A, its AmqpHook.publish part alone | {plan['A']:,} "
                      f"| {fmt_rate(t['classic']['median_rates']['A_publish'])} "
                      f"| {fmt_rate(t['quorum']['median_rates']['A_publish'])} | |")

@@ -169,9 +169,9 @@ def progress(text: str) -> dict[str, Any]:
     for ln in lines:
         if "Created Job" in ln:
             in_job = True
-        m = TIMESTAMP.match(ln)
-        if in_job and m:
-            stamps.append(_stamp(ln))
+        stamp = _stamp(ln)
+        if in_job and stamp is not None:
+            stamps.append(stamp)
         if "is Complete" in ln:
             in_job = False
     gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]

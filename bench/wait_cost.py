@@ -55,7 +55,7 @@ def request_budget(waited: float) -> int:
     for the stuck-pod check), plus one watch re-open per WATCH_SECONDS the wait lasted beyond the first
     watch (the server ends each watch at its timeout). Derived from the wait's length and the watch
     timeout only, never from the requests measured, so a trigger that reconnects in a loop misses it."""
-    from workqueue_provider.triggers.job import WATCH_SECONDS
+    from workqueue_provider.hooks.kubernetes_async import WATCH_SECONDS
 
     return REQUEST_BUDGET + max(0, math.ceil(waited / WATCH_SECONDS) - 1)
 
@@ -126,7 +126,8 @@ def main() -> int:
     from kubernetes import client
 
     from tests.cluster.local_cluster import LocalCluster
-    from workqueue_provider.triggers.job import WATCH_SECONDS, JobCompleteTrigger  # noqa: F401
+    from workqueue_provider.hooks.kubernetes_async import WATCH_SECONDS  # noqa: F401
+    from workqueue_provider.triggers.job import JobCompleteTrigger  # noqa: F401
 
     with LocalCluster(audit_log=True) as cluster:
         print(f"wait_cost: control plane up in {cluster.startup_seconds:.1f} s (audit log on)", flush=True)

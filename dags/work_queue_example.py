@@ -4,6 +4,8 @@ start the broker if needed -> declare the queue -> fill it (one message per item
 -> wait until it is Complete and the queue is empty -> delete the queue (a teardown: it runs
 whatever happened, and a failure upstream still fails the run; a queue with items left is kept).
 
+A failed task sends one message with the reason and the item account (JobFailureNotifier).
+
 Trigger it from the UI to get a form (items, parallelism, image, namespace); scheduled runs use
 the defaults. Every run gets its own queue, so scheduled and manual runs never share one.
 """
@@ -15,6 +17,7 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, Param
 
+from workqueue_provider.notifications import JobFailureNotifier
 from workqueue_provider.operators.broker import EnsureBrokerOperator
 from workqueue_provider.operators.job import QueueJobOperator
 from workqueue_provider.operators.queue import DeclareQueueOperator, DeleteQueueOperator, FillQueueOperator
@@ -31,7 +34,12 @@ with DAG(
     catchup=False,
     max_active_runs=4,
     render_template_as_native_obj=True,  # "{{ params.items }}" renders to a list, not its text
-    default_args={"retries": 2, "retry_delay": timedelta(seconds=10)},
+    default_args={
+        "retries": 2, "retry_delay": timedelta(seconds=10),
+        # a failed task (after its retries) says why, with the item account of the run's queue; pass
+        # send=... (e.g. a Slack webhook's send) to have the message delivered as well as logged
+        "on_failure_callback": JobFailureNotifier(queue_name=QUEUE),
+    },
     params={
         "items": Param(["apple", "banana", "cherry", "date", "fig", "grape", "lemon", "melon"],
                        type="array", items={"type": "string", "minLength": 1}, title="Work items",
@@ -83,6 +91,9 @@ with DAG(
         namespace="{{ params.namespace }}",
         queue_name=QUEUE,  # verified completion: fail if items are left in the queue
         timeout=3600,
+        # a Job that can never finish (a missing image, pods the namespace refuses, a timed-out wait) is
+        # deleted with its broker Secret instead of being left behind; a Failed one goes after its TTL
+        delete_job_on_failure=True,
     )
 
     # A teardown: runs whatever happened upstream, and doesn't hide a failure from the run's state.

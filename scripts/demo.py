@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # `python scripts/demo.py`: tests.cluster (the local control plane) is importable
 DAG_ID = "work_queue_example"
 LOCAL_BROKER = "amqp://guest:guest@127.0.0.1:5672/"
-# The seed's job-wq-1 image, as the node agent runs it: workqueue-consume + worker.py.
-LOCAL_WORKER_IMAGE = ["sh", "-c", "exec {venv_bin}/workqueue-consume {python} {repo}/worker/worker.py"]
 
 
 def airflow_env(kubeconfig: str, airflow_home: str, amqp_url: str | None = None) -> dict[str, str]:
@@ -75,12 +74,11 @@ def control_plane() -> Iterator[tuple[str, Any]]:
     if os.environ.get("KUBECONFIG"):
         yield os.environ["KUBECONFIG"].split(os.pathsep)[0], None
         return
-    sys.path.insert(0, str(REPO))
-    from tests.cluster.local_cluster import LocalCluster
+    from tests.cluster.local_cluster import EXAMPLE_IMAGES, LocalCluster
 
     print("demo: starting the local control plane (kube-apiserver, kube-controller-manager, etcd, node agent)...",
           flush=True)
-    with LocalCluster(images={"job-wq-1": {"entrypoint": LOCAL_WORKER_IMAGE}}) as cluster:
+    with LocalCluster(images=EXAMPLE_IMAGES) as cluster:
         print(f"demo: control plane ready in {cluster.startup_seconds:.1f} s; kubeconfig {cluster.kubeconfig}", flush=True)
         yield str(cluster.kubeconfig), cluster
 
@@ -112,16 +110,33 @@ def dag_run_succeeded(result: subprocess.CompletedProcess) -> bool:
     return result.returncode == 0 and bool(finished) and "state=success" in finished[-1]
 
 
+def print_next_commands(cluster: Any, kubeconfig: str, namespace: str) -> None:
+    """What to run next, so nobody has to read this script to continue."""
+    from tests.cluster.local_cluster import MAKE_CLUSTER_KUBECONFIG, next_commands
+
+    if cluster is None:
+        print("demo: next, against the cluster in KUBECONFIG:", flush=True)
+        commands = next_commands(kubeconfig, namespace=namespace, local_broker=False)
+    else:
+        print("demo: the demo's control plane has stopped. To keep one running: `make cluster` (it registers the "
+              "example's image job-wq-1), then in another shell:", flush=True)
+        commands = next_commands(MAKE_CLUSTER_KUBECONFIG, namespace=namespace)
+    for command in commands:
+        print(f"  {command}", flush=True)
+
+
 def main() -> int:
     started = time.monotonic()
+    namespace = os.environ.get("WORKQUEUE_NAMESPACE", "default")
     with control_plane() as (kubeconfig, cluster), tempfile.TemporaryDirectory(prefix="workqueue-demo-") as home:
         result = run_example_dag(kubeconfig, home)
-        report(kubeconfig, cluster, os.environ.get("WORKQUEUE_NAMESPACE", "default"))
+        report(kubeconfig, cluster, namespace)
     for line in result.stdout.splitlines():  # the item account, as the wait task logged it
         if "Item account of queue" in line:
             print("demo: " + line[line.index("Item account of queue"):].split(" [")[0], flush=True)
     ok = dag_run_succeeded(result)
     print(f"demo: DAG {DAG_ID} {'succeeded' if ok else 'FAILED'} in {time.monotonic() - started:.0f} s", flush=True)
+    print_next_commands(cluster, kubeconfig, namespace)
     return 0 if ok else 1
 
 

@@ -9,6 +9,9 @@ cache=${WORKQUEUE_CACHE:-$HOME/.cache/workqueue}
 python=${PYTHON:-python3.11}
 key=$( (sha256sum "$repo/pyproject.toml" | cut -c1-12; echo "$repo") | sha256sum | cut -c1-16)
 venv="$cache/venvs/$key"
+mkdir -p "$cache/venvs"
+exec 9>"$cache/venvs/.lock"  # one creator at a time: parallel callers wait, then find it ready
+flock 9
 if [ ! -x "$venv/bin/python" ] || [ ! -f "$venv/.installed" ]; then
   echo "ensure-venv: creating $venv for $repo" >&2
   mkdir -p "$cache/venvs"

@@ -21,4 +21,5 @@ fi
 cd "$repo"
 CI=true "$venv/bin/python" -m pytest -q tests/unit tests/integration/test_job_side.py tests/integration/test_queue_operators.py \
   tests/reliability/test_job_faults.py tests/reliability/test_job_account.py \
+  tests/integration/test_amqp_message_trigger.py tests/e2e/test_event_driven.py \
   tests/e2e/test_example_dag.py --deselect tests/unit/test_hygiene.py "$@"

@@ -9,10 +9,11 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from kubernetes import client
+
+from tests.airflow_context import task_context  # noqa: F401  (tests import it from here)
 
 REPO = Path(__file__).resolve().parents[1]
 BROKER_URL = os.environ.get("WORKQUEUE_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -66,17 +67,12 @@ def queue_name(broker_url: str) -> Iterator[str]:
     connection.close()
 
 
-def task_context(dag_id: str = "dag", task_id: str = "task", run_id: str = "manual__1", try_number: int = 1) -> dict:
-    """The part of an Airflow context the operators read, for calling execute() directly."""
-    ti = SimpleNamespace(dag_id=dag_id, task_id=task_id, run_id=run_id, map_index=-1, try_number=try_number)
-    return {"ti": ti, "run_id": run_id, "task_instance": ti}
-
-
 # The seed's worker image, run by the node agent as local processes: with workqueue-consume (ours)
 # and with amqp-consume (the seed's own command, from Debian's amqp-tools).
 WORKER_IMAGES = {
     "job-wq-1": ["sh", "-c", "exec {venv_bin}/workqueue-consume {python} {repo}/worker/worker.py"],
-    "job-wq-1-amqp-consume": ["sh", "-c", "exec amqp-consume --url=$BROKER_URL -q $QUEUE -c 1 -- {python} {repo}/worker/worker.py"],
+    "job-wq-1-amqp-consume": ["sh", "-c",
+                              "exec amqp-consume --url=$BROKER_URL -q $QUEUE -c 1 -- {python} {repo}/worker/worker.py"],
 }
 
 

@@ -16,4 +16,15 @@ try:  # Airflow >= 3.2
 except ImportError:  # Airflow 3.1
     from airflow.sdk.execution_time.secrets_masker import mask_secret  # type: ignore[no-redef]
 
-__all__ = ["AirflowNotFoundException", "AirflowSkipException", "TaskDeferred", "mask_secret"]
+
+
+def airflow_3_3_plus() -> bool:
+    """Airflow 3.3 calls a trigger's ``on_kill`` when the deferred task is killed; earlier releases only
+    ``cleanup`` (which also runs on a triggerer restart)."""
+    from airflow import __version__
+    from packaging.version import Version
+
+    return Version(__version__) >= Version("3.3.0")
+
+
+__all__ = ["AirflowNotFoundException", "AirflowSkipException", "TaskDeferred", "airflow_3_3_plus", "mask_secret"]

@@ -1,41 +1,20 @@
-"""What a finished Job means: one place that turns a Job's final state into a summary or an error.
+"""How a wait for a Job ends for the task: one place that turns a :class:`WaitEvent` into the run's
+summary or an error.
 
-Used by QueueJobOperator and JobCompleteSensor. A Complete Job doesn't prove the work was done
-(``amqp-consume`` exits 0 when the worker fails), so success is verified against the queue.
+Used by QueueJobOperator and JobCompleteSensor, whether they waited in the triggerer or in the
+worker. A Complete Job is then checked against its queue (:mod:`workqueue_provider.verification`).
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
-from workqueue_provider.amqp.receipts import Account
-from workqueue_provider.exceptions import ConfigurationError, JobError, QueueNotFoundError
-from workqueue_provider.hooks.amqp import AmqpHook
-from workqueue_provider.hooks.jobs import JobsHook
-from workqueue_provider.kube.job_status import JobAssessment, JobPhase, assess, condition
-
-IN_FLIGHT_GRACE_SECONDS = 90.0  # the longest a terminating pod holds an item: its grace period, and then some
-
-
-class Log(Protocol):
-    """What this module needs of a logger (the stdlib's, or Airflow's task logger)."""
-
-    def info(self, msg: Any, /, *args: Any, **kwargs: Any) -> Any: ...
-
-    def warning(self, msg: Any, /, *args: Any, **kwargs: Any) -> Any: ...
-
-
-@dataclass(frozen=True)
-class Verification:
-    """Which queue to check after the Job completes (``queue_name=None`` turns the check off)."""
-
-    amqp_conn_id: str
-    queue_name: str | None
-    dead_letter_queue: str | None = None
-    fail_on_dead_letters: bool = True
+from workqueue_provider.exceptions import ConfigurationError, JobError, WorkQueueError
+from workqueue_provider.hooks.kubernetes import KubernetesApi
+from workqueue_provider.kube.job_status import JobAssessment, JobPhase, assess, condition, parse_time
+from workqueue_provider.kube.job_wait import WaitEvent, WaitStatus
+from workqueue_provider.verification import Log, Verification, verify_items
 
 
 def check_seconds(value: Any, name: str) -> None:
@@ -44,14 +23,35 @@ def check_seconds(value: Any, name: str) -> None:
         raise ConfigurationError(f"{name}={value!r} must be a positive number of seconds.")
 
 
-def conclude(job: dict[str, Any], jobs: JobsHook, verification: Verification, log: Log) -> dict[str, Any]:
+#: waits that end with the Job still there and never finishing by itself
+NEVER_ENDING = frozenset({WaitStatus.STUCK, WaitStatus.REFUSED, WaitStatus.TIMEOUT})
+
+
+def finish(event: WaitEvent, api: KubernetesApi, verification: Verification, log: Log, *,
+           delete_when: frozenset[WaitStatus] = frozenset()) -> dict[str, Any]:
+    """The summary of a Job that completed and whose items check out, else the error saying why not.
+    ``delete_when``: the endings after which the Job is deleted (with its pods and broker Secret), e.g.
+    a Job whose pods can't start, which left alone would never end."""
+    deleted = event.status in delete_when and _delete(api, event.job_name, event.namespace, log)
+    if event.status in (WaitStatus.TIMEOUT, WaitStatus.ERROR):
+        message = event.message or f"Waiting for Job {event.namespace}/{event.job_name} failed."
+        raise JobError(message + (" The Job was deleted." if deleted else ""))
+    if event.status in (WaitStatus.STUCK, WaitStatus.REFUSED):
+        raise unstartable_job_error(event, deleted=deleted)
+    job = event.job or api.get_job(event.job_name, event.namespace)
+    if job is None:
+        raise JobError(f"Job {event.namespace}/{event.job_name} vanished before its result could be read.")
+    return conclude(job, api, verification, log)
+
+
+def conclude(job: dict[str, Any], api: KubernetesApi, verification: Verification, log: Log) -> dict[str, Any]:
     """Return the run's summary for a Complete Job, or raise :class:`JobError` saying why it failed."""
     name, namespace = job["metadata"]["name"], job["metadata"]["namespace"]
     verdict = assess(job)
     if verdict.phase is JobPhase.RUNNING:
         raise JobError(f"Job {namespace}/{name} has not finished ({verdict.progress()}).")
     if verdict.phase is JobPhase.FAILED:
-        details = jobs.failed_pod_details(name, namespace)
+        details = failed_pod_details(api, name, namespace)
         raise JobError(
             f"Job {namespace}/{name} failed: {verdict.reason}: {verdict.message} ({verdict.progress()})."
             + ("".join(f"\n  - {line}" for line in details) if details else "")
@@ -59,128 +59,73 @@ def conclude(job: dict[str, Any], jobs: JobsHook, verification: Verification, lo
     summary = _summary(job, verdict)
     log.info("Job %s/%s is Complete: %s, in %s s (noticed %s s after the Complete condition).", namespace, name,
              verdict.progress(), summary["duration_seconds"], summary["noticed_after_seconds"])
-    if verification.queue_name:
-        summary.update(_verify_queue(name, verification, log))
+    summary.update(verify_items(name, verification, log))
     return summary
 
 
-def stuck_error(name: str, namespace: str, jobs: JobsHook, grace_seconds: float | None,
-                first_seen: dict[str, float] | None = None) -> JobError | None:
-    """The error to raise when the Job's pods have waited longer than ``grace_seconds`` on an image that
-    can't be pulled (or a config that can't be created), else None: such a Job never finishes by itself.
-    ``first_seen``: the caller's state across checks (see :func:`stuck_containers`)."""
-    if grace_seconds is None:
-        return None
-    stuck = jobs.stuck_containers(name, namespace, grace_seconds, first_seen)
-    return stuck_job_error(name, namespace, grace_seconds, stuck) if stuck else None
-
-
-def stuck_job_error(name: str, namespace: str, grace_seconds: float, stuck: list[str], *,
-                    deleted: bool = False) -> JobError:
-    """The error for a Job whose pods can't start; ``stuck`` lists them (see ``stuck_containers``).
-    ``deleted``: the caller deleted the Job (the message says so)."""
+def unstartable_job_error(event: WaitEvent, *, deleted: bool = False) -> JobError:
+    """The error for a Job whose pods can't start (``stuck``) or can't even be created (``refused``),
+    quoting Kubernetes and naming the fix. ``deleted``: the Job was deleted (the message says so)."""
+    name, namespace, grace = event.job_name, event.namespace, event.grace_seconds or 0
+    if event.status is WaitStatus.REFUSED:
+        head = f"Job {namespace}/{name} can't create its pods (refused for more than {grace:g} s):"
+        fix = refusal_fix(" ".join(event.reasons))
+    else:
+        head = f"Job {namespace}/{name} can't start its pods (waiting more than {grace:g} s):"
+        fix = ("Check the image name and tag, that the registry is reachable, image_pull_secrets, and the "
+               "Secrets/ConfigMaps the pod uses.")
     return JobError(
-        f"Job {namespace}/{name} can't start its pods (waiting more than {grace_seconds:g} s):"
-        + "".join(f"\n  - {line}" for line in stuck[:3])
-        + "\nCheck the image name and tag, that the registry is reachable, image_pull_secrets, and the "
-        "Secrets/ConfigMaps the pod uses. "
+        head + "".join(f"\n  - {line}" for line in event.reasons[:3]) + f"\n{fix} "
         + ("The Job was deleted." if deleted else f"Delete the Job (kubectl -n {namespace} delete job {name}).")
     )
 
 
-def finish_from_event(event: dict[str, Any], jobs: JobsHook, verification: Verification, log: Log) -> dict[str, Any]:
-    """Turn a JobCompleteTrigger event into the summary (or the error). The verdict comes from the Job the
-    trigger saw finish (``event["job"]``), not from a second read: with a short ``ttl_seconds_after_finished``
-    the Job may be gone by now."""
-    if event["status"] in ("timeout", "error"):
-        raise JobError(event["message"])
-    if event["status"] == "stuck":
-        raise stuck_job_error(event["job_name"], event["namespace"], event["grace_seconds"], event["stuck"])
-    job = event.get("job") or jobs.get_job(event["job_name"], event["namespace"])
-    if job is None:
-        raise JobError(f"Job {event['namespace']}/{event['job_name']} vanished before its result could be read.")
-    return conclude(job, jobs, verification, log)
+def refusal_fix(reasons: str) -> str:
+    """What to do about refused pod creations, from the API server's words."""
+    if "PodSecurity" in reasons:
+        return ("The namespace enforces a Pod Security Standard the pods don't meet: keep the provider's default "
+                "(restricted) security context, or make the one in pod_template meet the standard.")
+    if "exceeded quota" in reasons:
+        return ("The namespace's ResourceQuota has no room for the pods: lower container_resources or parallelism, "
+                "or raise the quota.")
+    if "serviceaccount" in reasons.lower() and "not found" in reasons:
+        return "The pods' ServiceAccount doesn't exist: create it, or set service_account_name to one that does."
+    if "admission webhook" in reasons:
+        return "An admission webhook denied the pods: its message above says why."
+    if "LimitRange" in reasons or "per Container" in reasons:
+        return "A LimitRange refuses the pods' requests or limits: adjust container_resources."
+    return "Fix what the API server says above."
 
 
-def _verify_queue(job_name: str, verification: Verification, log: Log) -> dict[str, Any]:
-    """The item account (amqp/receipts.py) when the workers keep receipts; else "the queue is empty"."""
-    queue = verification.queue_name
-    assert queue is not None
-    amqp = AmqpHook(amqp_conn_id=verification.amqp_conn_id)
+def failed_pod_details(api: KubernetesApi, name: str, namespace: str, *, limit: int = 3) -> list[str]:
+    """One line per failed pod: exit code, restarts, and the tail of its log."""
+    details = []
+    for pod in api.job_pods(name, namespace):
+        for status in (pod.get("status") or {}).get("containerStatuses") or []:
+            terminated = (status.get("state") or {}).get("terminated") or \
+                (status.get("lastState") or {}).get("terminated")
+            if not terminated or terminated.get("exitCode") == 0:
+                continue
+            pod_name = pod["metadata"]["name"]
+            tail = api.pod_log_tail(pod_name, namespace)
+            details.append(
+                f"pod {pod_name} exited {terminated.get('exitCode')} ({terminated.get('reason', 'Error')}, "
+                f"{status.get('restartCount', 0)} restarts)" + (f"; last output: {tail[-500:]!r}" if tail else "")
+            )
+            break
+        if len(details) >= limit:
+            break
+    return details
+
+
+def _delete(api: KubernetesApi, name: str, namespace: str, log: Log) -> bool:
+    """Delete the Job; a failure is logged (the error then tells the user to delete it)."""
     try:
-        account = _settled_account(amqp, queue, verification.dead_letter_queue, log)
-    except QueueNotFoundError as e:
-        raise JobError(f"Job {job_name} completed, but its queue {queue!r} is gone, so the work can't be verified.") from e
-    if account is None or not account.kept:
-        return _verify_depth(job_name, verification, log, filled_by_us=account is not None)
-    log.info("Item account of queue %r: %s.", queue, account.describe())
-    if account.left or account.lost:
-        raise JobError(
-            f"Job {job_name} is Complete but not every item was processed ({account.describe()}). "
-            + (f"{account.left} item(s) are still in queue {queue!r}: completions was lower than the items, or "
-               "workers exited 0 without processing them; clear the task to run a new Job on them. " if account.left else "")
-            + (f"{account.lost} item(s) vanished from the queue without being processed or dead-lettered: "
-               "a max_length that dropped them, a message TTL or delivery limit without a dead-letter queue, or a "
-               "reject without a dead-letter exchange. Re-run the fill for them. " if account.lost else "")
-        )
-    if account.duplicated:
-        log.warning("%d item(s) of queue %r were processed more than once (a worker stopped between finishing an "
-                    "item and acknowledging it: at-least-once delivery).", account.duplicated, queue)
-    _report_dead_letters(job_name, account.dead_lettered, verification, log)
-    return {"items_left": 0, "dead_lettered": account.dead_lettered,
-            "dead_letter_queue": verification.dead_letter_queue, "account": account.as_dict()}
-
-
-def _settled_account(amqp: AmqpHook, queue: str, dead_letter_queue: str | None, log: Log) -> Account | None:
-    """The account once no consumer holds an item of the queue: items still held (unacked) by pods of an
-    earlier, deleted Job count as neither left nor processed until those pods let go. Waits up to
-    :data:`IN_FLIGHT_GRACE_SECONDS` for that, then takes the account as it is."""
-    deadline = time.monotonic() + IN_FLIGHT_GRACE_SECONDS
-    while True:
-        account = amqp.item_account(queue, dead_letter_queue)
-        if account is None or account.complete or time.monotonic() > deadline:
-            return account
-        consumers = amqp.queue_depth(queue).consumers
-        if not consumers:
-            return account
-        log.info("%d consumer(s) still hold items of queue %r (pods of an earlier Job?): waiting for them to finish "
-                 "or let go before the account is taken (%s).", consumers, queue, account.describe())
-        time.sleep(2)
-
-
-def _verify_depth(job_name: str, verification: Verification, log: Log, *, filled_by_us: bool) -> dict[str, Any]:
-    """Without receipts: the best we can check is that the queue is empty."""
-    queue = verification.queue_name
-    assert queue is not None
-    log.warning(
-        "No item account for queue %r: %s, so only \"the queue is empty\" is checked; items dropped by the broker "
-        "(max_length, TTL, delivery limit) can't be told from processed ones. Run workqueue-consume in the image "
-        "and fill with FillQueueOperator to get the account.", queue,
-        "its workers keep no receipts (plain amqp-consume?)" if filled_by_us else "it was not filled by FillQueueOperator")
-    amqp = AmqpHook(amqp_conn_id=verification.amqp_conn_id)
-    left = amqp.queue_depth(queue).messages
-    dead = amqp.queue_depth(verification.dead_letter_queue).messages if verification.dead_letter_queue else 0
-    if left:
-        raise JobError(
-            f"Job {job_name} is Complete but {left} item(s) are still in queue {queue!r}: some workers exited 0 "
-            "without processing their item (amqp-consume does that when the worker fails) or completions was "
-            "lower than the number of items. Check the worker logs; use workqueue-consume to make failures visible."
-        )
-    _report_dead_letters(job_name, dead, verification, log)
-    log.info("Verified: queue %r is empty%s.", queue,
-             f", {dead} item(s) in {verification.dead_letter_queue!r}" if verification.dead_letter_queue else "")
-    return {"items_left": 0, "dead_lettered": dead, "dead_letter_queue": verification.dead_letter_queue,
-            "account": None}
-
-
-def _report_dead_letters(job_name: str, dead: int, verification: Verification, log: Log) -> None:
-    if not dead:
-        return
-    message = (f"{dead} item(s) of Job {job_name} were dead-lettered into queue "
-               f"{verification.dead_letter_queue!r} after failing; the other items were processed.")
-    if verification.fail_on_dead_letters:
-        raise JobError(message + " Inspect them there, fix the worker, and move them back to retry.")
-    log.warning(message)
+        api.delete_job(name, namespace)  # False: already gone, which is as good
+        return True
+    except WorkQueueError as e:
+        log.warning("Could not delete Job %s/%s: %s", namespace, name, e)
+        return False
 
 
 def _summary(job: dict[str, Any], verdict: JobAssessment) -> dict[str, Any]:
@@ -188,11 +133,11 @@ def _summary(job: dict[str, Any], verdict: JobAssessment) -> dict[str, Any]:
     started, finished = status.get("startTime"), status.get("completionTime")
     duration = None
     if started and finished:
-        duration = (_parse_time(finished) - _parse_time(started)).total_seconds()
+        duration = (parse_time(finished) - parse_time(started)).total_seconds()
     complete = condition(job, "Complete")
     noticed_after = None
     if complete and complete.get("lastTransitionTime"):  # seconds resolution, as the API keeps it
-        noticed_after = round((datetime.now(UTC) - _parse_time(complete["lastTransitionTime"])).total_seconds(), 1)
+        noticed_after = round((datetime.now(UTC) - parse_time(complete["lastTransitionTime"])).total_seconds(), 1)
     return {
         "job_name": job["metadata"]["name"],
         "namespace": job["metadata"]["namespace"],
@@ -202,7 +147,3 @@ def _summary(job: dict[str, Any], verdict: JobAssessment) -> dict[str, Any]:
         "duration_seconds": duration,
         "noticed_after_seconds": noticed_after,
     }
-
-
-def _parse_time(value: Any) -> datetime:
-    return value if isinstance(value, datetime) else datetime.fromisoformat(str(value).replace("Z", "+00:00"))

@@ -29,7 +29,7 @@ UI_BEHAVIOUR: dict[str, Any] = {
     "hidden_fields": ["extra"],
     "relabeling": {"schema": "Virtual host", "login": "Username"},
     "placeholders": {
-        "host": "rabbitmq-service.default.svc or localhost",
+        "host": "rabbitmq-service.default.svc or localhost; a cluster: rabbit-0,rabbit-1,rabbit-2",
         "port": "5672 (amqp) or 5671 (amqps)",
         "schema": "/",
         "login": "guest",

@@ -13,7 +13,11 @@ Library errors (pika, kubernetes) are translated at the boundary with ``raise ..
     │   ├── QueueNotFoundError      a queue that should exist doesn't
     │   ├── QueueMismatchError      an existing queue has other arguments
     │   └── PublishError            a message was nacked or returned unroutable
-    └── JobError                    the Kubernetes Job failed or can't be run
+    ├── KubernetesError             a Kubernetes API call failed (hooks/kube_errors.py words it)
+    │   ├── KubernetesAuthError     401/403: the connection's identity is refused or lacks RBAC rights
+    │   ├── KubernetesNotFoundError a namespace or object that must exist doesn't
+    │   └── KubernetesUnreachableError  the API server didn't answer
+    └── JobError                    the Job failed, or its result can't be trusted
 """
 
 from __future__ import annotations
@@ -74,6 +78,22 @@ class PublishError(BrokerError):
         self.confirmed = confirmed
         self.total = total
         super().__init__(f"{message} ({confirmed} of {total} items were confirmed before the failure)")
+
+
+class KubernetesError(WorkQueueError):
+    """A Kubernetes API call failed; the message says what was being done, where, and the fix."""
+
+
+class KubernetesAuthError(KubernetesError):
+    """The API server rejected the connection's credentials (401) or its RBAC rights (403)."""
+
+
+class KubernetesNotFoundError(KubernetesError):
+    """A namespace or object that must exist does not."""
+
+
+class KubernetesUnreachableError(KubernetesError):
+    """The Kubernetes API server didn't answer (connection refused, timeouts, TLS)."""
 
 
 class JobError(WorkQueueError):

@@ -13,6 +13,8 @@ from urllib.parse import quote, urlsplit
 
 from airflow.sdk import BaseOperatorLink
 
+from workqueue_provider.amqp.addresses import bracketed, parse_hosts
+
 if TYPE_CHECKING:
     from airflow.sdk import BaseOperator, Connection, Context
     from airflow.sdk.types import TaskInstanceKey
@@ -34,9 +36,7 @@ def management_base_url(conn: Connection) -> str:
             netloc += f":{parts.port}"
         return f"{parts.scheme or 'http'}://{netloc}{parts.path}".rstrip("/")  # userinfo, query dropped
     tls = conn.conn_type == "amqps"
-    host = conn.host or "localhost"
-    if ":" in host:
-        host = f"[{host}]"
+    host = bracketed(parse_hosts(conn.host, 5672)[0].host) if conn.host else "localhost"  # a cluster: its first node
     return f"{'https' if tls else 'http'}://{host}:{DEFAULT_MANAGEMENT_PORTS['amqps' if tls else 'amqp']}"
 
 

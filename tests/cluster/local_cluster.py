@@ -29,6 +29,7 @@ import ipaddress
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -38,8 +39,10 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -56,6 +59,7 @@ CONTROLLERS = [
     "replicaset-controller",
     "deployment-controller",
     "cronjob-controller",
+    "resourcequota-controller",  # a ResourceQuota is enforced once this has counted the namespace's usage
 ]
 
 #: Users with a token in the token-auth-file.  "admin" is in system:masters;
@@ -190,8 +194,8 @@ def _generate_pki(d: Path) -> None:
     write_key(ca_key, d / "ca.key")
 
     key = ec.generate_private_key(ec.SECP256R1())
-    sans = [x509.DNSName(n) for n in ("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
-                                      "kubernetes.default.svc.cluster.local")]
+    names = ("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local")
+    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
     sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", "10.0.0.1")]
     cert = (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
@@ -253,17 +257,28 @@ class LocalCluster:
         return self.tokens["admin"]
 
     @property
+    def _work(self) -> Path:
+        """The running cluster's working directory."""
+        assert self.workdir is not None, "the cluster is not started"
+        return self.workdir
+
+    @property
+    def _bin(self) -> Path:
+        assert self.bin_dir is not None, "the cluster's binaries are not built"
+        return self.bin_dir
+
+    @property
     def ca_path(self) -> str:
-        return str(self.workdir / "pki" / "ca.crt")
+        return str(self._work / "pki" / "ca.crt")
 
     @property
     def kubectl_path(self) -> str:
-        return str(self.bin_dir / "kubectl")
+        return str(self._bin / "kubectl")
 
     @property
     def log_dir(self) -> Path:
         """Container logs: <log_dir>/<namespace>/<pod>/<container>.log"""
-        return self.workdir / "node" / "logs"
+        return self._work / "node" / "logs"
 
     # -- start
     def start(self) -> LocalCluster:
@@ -287,7 +302,7 @@ class LocalCluster:
         return self
 
     def _start(self, t0: float) -> None:
-        w = self.workdir
+        w = self._work
         for sub in ("pki", "etcd", "logs", "node", "kcm-certs", "apiserver-certs"):
             (w / sub).mkdir(parents=True, exist_ok=True)
         pki = w / "pki"
@@ -309,7 +324,7 @@ class LocalCluster:
         self.kubeconfig = str(self.kubeconfig_for("admin", w / "kubeconfig"))
 
         self._spawn("etcd", [
-            str(self.bin_dir / "etcd"), "--name", "default", "--data-dir", str(w / "etcd"),
+            str(self._bin / "etcd"), "--name", "default", "--data-dir", str(w / "etcd"),
             "--listen-client-urls", f"http://127.0.0.1:{etcd_client}",
             "--advertise-client-urls", f"http://127.0.0.1:{etcd_client}",
             "--listen-peer-urls", f"http://127.0.0.1:{etcd_peer}",
@@ -325,7 +340,7 @@ class LocalCluster:
             audit_args = [f"--audit-policy-file={w / 'audit-policy.yaml'}", f"--audit-log-path={self.audit_log_path}",
                           "--audit-log-format=json", "--audit-log-mode=blocking", "--audit-log-maxsize=0"]
         self._spawn("kube-apiserver", [
-            str(self.bin_dir / "kube-apiserver"),
+            str(self._bin / "kube-apiserver"),
             f"--etcd-servers=http://127.0.0.1:{etcd_client}",
             "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={api_port}",
             f"--tls-cert-file={pki / 'serving.crt'}", f"--tls-private-key-file={pki / 'serving.key'}",
@@ -337,7 +352,6 @@ class LocalCluster:
             f"--service-account-signing-key-file={pki / 'sa.key'}",
             "--service-cluster-ip-range=10.0.0.0/24",
             "--endpoint-reconciler-type=none",
-            "--disable-admission-plugins=ServiceAccount",
             f"--kubelet-certificate-authority={pki / 'ca.crt'}",
             "--kubelet-preferred-address-types=InternalIP,Hostname",
             "--allow-privileged=true",
@@ -350,7 +364,7 @@ class LocalCluster:
         self._wait(lambda: self._http_ok(f"{self.server}/readyz", token=self.admin_token), "kube-apiserver /readyz")
 
         self._spawn("kube-controller-manager", [
-            str(self.bin_dir / "kube-controller-manager"),
+            str(self._bin / "kube-controller-manager"),
             f"--kubeconfig={self.kubeconfig}",
             f"--authentication-kubeconfig={self.kubeconfig}",
             f"--authorization-kubeconfig={self.kubeconfig}",
@@ -380,7 +394,7 @@ class LocalCluster:
         env = dict(os.environ)
         env[MARK_ID] = self.cluster_id
         env[MARK_OWNER] = str(os.getpid())
-        logf = open(self.workdir / "logs" / f"{name}.log", "ab")
+        logf = open(self._work / "logs" / f"{name}.log", "ab")
         try:
             self.procs[name] = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                                                 env=env, start_new_session=True, cwd=str(self.workdir))
@@ -463,7 +477,7 @@ class LocalCluster:
 
     def _kill_container_groups(self) -> None:
         try:
-            pgids = [int(x) for x in (self.workdir / "node" / "agent" / "pgids").read_text().split()]
+            pgids = [int(x) for x in (self._work / "node" / "agent" / "pgids").read_text().split()]
         except (OSError, ValueError):
             pgids = []
         for pgid in pgids:
@@ -494,7 +508,7 @@ class LocalCluster:
         started = time.monotonic()
         self._terminate(old, 5.0)
         time.sleep(down_seconds)
-        self._spawn("kube-apiserver", list(old.args))
+        self._spawn("kube-apiserver", [str(arg) for arg in old.args])  # type: ignore[union-attr]
         self._wait(lambda: self._http_ok(f"{self.server}/readyz", token=self.admin_token), "kube-apiserver /readyz")
         return time.monotonic() - started
 
@@ -505,7 +519,7 @@ class LocalCluster:
 
     def kubeconfig_for(self, user: str, path: str | os.PathLike | None = None) -> Path:
         """Write a kubeconfig authenticating as ``user`` (default: <workdir>/kubeconfig-<user>)."""
-        path = Path(path) if path else self.workdir / f"kubeconfig-{user}"
+        path = Path(path) if path else self._work / f"kubeconfig-{user}"
         ca_data = base64.b64encode(Path(self.ca_path).read_bytes()).decode()  # self-contained file
         cfg = {
             "apiVersion": "v1", "kind": "Config",
@@ -558,7 +572,7 @@ class LocalCluster:
                        env: dict[str, str] | None = None, working_dir: str | None = None) -> None:
         """Add an image-table entry, effective for containers started from now on (see images.py)."""
         table = json.loads(self.images_file.read_text())
-        entry = {"entrypoint": list(entrypoint or []), "cmd": list(cmd or [])}
+        entry: dict[str, Any] = {"entrypoint": list(entrypoint or []), "cmd": list(cmd or [])}
         if env:
             entry["env"] = dict(env)
         if working_dir:
@@ -571,7 +585,7 @@ class LocalCluster:
     # -- audit log (LocalCluster(audit_log=True))
     @property
     def audit_log_path(self) -> Path:
-        return self.workdir / "logs" / "audit.log"
+        return self._work / "logs" / "audit.log"
 
     def audit_events(self, user: str | None = None) -> list[dict]:
         """The API server's audit events so far (one per request and stage; RequestReceived is omitted, so
@@ -636,7 +650,7 @@ class LocalCluster:
     def component_log(self, name: str, tail_lines: int | None = None) -> str:
         """Log of a component: etcd, kube-apiserver, kube-controller-manager, node-agent."""
         try:
-            text = (self.workdir / "logs" / f"{name}.log").read_text(errors="replace")
+            text = (self._work / "logs" / f"{name}.log").read_text(errors="replace")
         except FileNotFoundError:
             return ""
         if tail_lines:
@@ -657,6 +671,36 @@ class LocalCluster:
 
 # ---------------------------------------------------------------- CLI
 
+#: The README example's worker image (the tutorial's job-wq-1) as the node agent runs it: workqueue-consume
+#: giving each item to worker/worker.py. `up` (make cluster) and scripts/demo.py (make demo) register it.
+EXAMPLE_IMAGES: dict[str, dict] = {
+    "job-wq-1": {"entrypoint": ["sh", "-c", "exec {venv_bin}/workqueue-consume {python} {repo}/worker/worker.py"]},
+}
+#: Where `make cluster` writes the admin kubeconfig: the same path every time, so the next commands stay valid.
+MAKE_CLUSTER_KUBECONFIG = Path(os.environ.get("WORKQUEUE_CACHE", Path.home() / ".cache/workqueue")) / "local-cluster/kubeconfig"
+
+
+def next_commands(kubeconfig: str | os.PathLike, *, kubectl: str = "kubectl", namespace: str = "default",
+                  local_broker: bool = True) -> list[str]:
+    """The shell commands a user can run next against a cluster: kubectl, both Airflow connections, the example.
+
+    ``local_broker``: the connection to the local RabbitMQ (`make broker`, user guest); otherwise the user's
+    own AIRFLOW_CONN_AMQP_DEFAULT is kept (never printed: it may hold a password)."""
+    venv_bin = Path(sys.executable).parent
+    kubeconfig = str(Path(kubeconfig).resolve())
+    broker = ("export AIRFLOW_CONN_AMQP_DEFAULT='amqp://127.0.0.1:5672/'   # the local RabbitMQ (make broker)"
+              if local_broker else "# AIRFLOW_CONN_AMQP_DEFAULT: keep the one set now")
+    return [
+        f". {shlex.quote(str(venv_bin / 'activate'))}   # airflow, workqueue-consume",
+        f"export KUBECONFIG={shlex.quote(kubeconfig)}",
+        f"{kubectl} -n {namespace} get jobs,pods -l app.kubernetes.io/managed-by=airflow-provider-workqueue",
+        f"export AIRFLOW_CONN_KUBERNETES_DEFAULT='kubernetes://?kube_config_path={urllib.parse.quote(kubeconfig)}'",
+        broker,
+        f"export AIRFLOW__CORE__DAGS_FOLDER={shlex.quote(str(REPO / 'dags'))} AIRFLOW__CORE__LOAD_EXAMPLES=False",
+        "airflow db migrate && airflow dags test work_queue_example   # or, in the repository: make demo",
+    ]
+
+
 def _cmd_up(a) -> int:
     if a.detach:
         argv = [sys.executable, str(Path(__file__).resolve()), "up"]
@@ -668,6 +712,7 @@ def _cmd_up(a) -> int:
         with open(log_path, "ab") as logf:
             p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=logf, stdin=subprocess.DEVNULL,
                                  start_new_session=True, text=True)
+        assert p.stdout is not None
         line = p.stdout.readline().strip()
         if not line:
             p.wait()
@@ -683,17 +728,23 @@ def _cmd_up(a) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    cluster = LocalCluster()
+    cluster = LocalCluster(images=EXAMPLE_IMAGES)
     try:
         cluster.start()
         kubeconfig = cluster.kubeconfig
         if a.kubeconfig_out:
+            Path(a.kubeconfig_out).resolve().parent.mkdir(parents=True, exist_ok=True)
             kubeconfig = str(cluster.kubeconfig_for("admin", Path(a.kubeconfig_out).resolve()))
+            Path(kubeconfig).chmod(0o600)
         if a.state_file:
             state = cluster.state()
             state["kubeconfig"] = kubeconfig
             Path(a.state_file).write_text(json.dumps(state, indent=2))
-        print(f"cluster up in {cluster.startup_seconds:.1f}s: {cluster.server} (Ctrl-C stops it)", file=sys.stderr)
+        print(f"cluster up in {cluster.startup_seconds:.1f}s: {cluster.server} (Ctrl-C stops it); "
+              f"image {', '.join(EXAMPLE_IMAGES)} registered (the README's example). Next, in another shell:",
+              file=sys.stderr)
+        for command in next_commands(kubeconfig, kubectl=cluster.kubectl_path):
+            print(f"  {command}", file=sys.stderr)
         print(kubeconfig, flush=True)
         try:
             sys.stdout.close()
@@ -743,7 +794,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="local Kubernetes control plane for tests and the demo")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("build", help="build (or reuse) the binaries; prints the bin dir")
-    up = sub.add_parser("up", help="start a cluster; prints the kubeconfig path; runs until SIGINT/SIGTERM")
+    up = sub.add_parser("up", help="start a cluster with the example's image registered; prints the kubeconfig path "
+                                   "(stdout) and the next commands (stderr); runs until SIGINT/SIGTERM")
     up.add_argument("--state-file", help="write a JSON with kubeconfig, server, tokens, pids (removed on stop)")
     up.add_argument("--kubeconfig-out", help="also write the admin kubeconfig here (and print this path)")
     up.add_argument("--detach", action="store_true", help="return once the cluster is up, leaving it running")

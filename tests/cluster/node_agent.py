@@ -23,6 +23,8 @@ What it does:
   podIP/hostIP 127.0.0.1, startTime, containerStatuses (waiting/running/
   terminated with exitCode, reason Completed/Error/StartError, startedAt,
   finishedAt, lastState, ready, restartCount, image, imageID, containerID).
+  Conditions others set (DisruptionTarget, from an eviction) are kept, as the
+  kubelet keeps them.
 * readiness: a running container without readinessProbe is ready; exec,
   tcpSocket (127.0.0.1:port) and httpGet probes are run with their
   initialDelaySeconds/periodSeconds/timeoutSeconds/successThreshold/
@@ -448,7 +450,8 @@ class PodWorker(threading.Thread):
             argv, env, cwd = self.build_command(c)
         except ConfigError as e:
             msg = str(e)
-            reason, _, text = msg.partition(":") if msg.startswith(("ErrImagePull:", "RunContainerError:")) else ("CreateContainerConfigError", "", msg)
+            known = msg.startswith(("ErrImagePull:", "RunContainerError:"))
+            reason, _, text = msg.partition(":") if known else ("CreateContainerConfigError", "", msg)
             c.state = {"waiting": {"reason": reason, "message": text or msg}}
             c.next_start = time.time() + 2.0
             return
@@ -662,7 +665,11 @@ class PodWorker(threading.Thread):
             merged = dict(pod.get("status") or {})
             for k in ("reason", "message"):
                 merged.pop(k, None)
+            # like the kubelet, keep the conditions others own (DisruptionTarget, set by an eviction)
+            own = {c["type"] for c in status["conditions"]}
+            others = [c for c in merged.get("conditions") or [] if c.get("type") not in own]
             merged.update(status)
+            merged["conditions"] = status["conditions"] + others
             body["status"] = merged
             try:
                 resp = self.api.core.replace_namespaced_pod_status(self.pod_name, self.ns, body,

@@ -139,6 +139,19 @@ class AirflowServices:
             process.wait(timeout=10)
         return killed
 
+    def kill(self, name: str) -> None:
+        """SIGKILL one component and its children (its process group), as a node loss or the OOM killer would."""
+        _signal_group(self.processes[name].pid, signal.SIGKILL)
+        self.processes[name].wait(timeout=30)
+
+    def start_component(self, name: str) -> None:
+        """Start one component again (after :meth:`kill`); its log is appended to."""
+        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - closed when the process ends
+        self.processes[name] = subprocess.Popen(
+            self.airflow_command(*(a.format(port=self.port) for a in COMPONENTS[name])), env=self.env, cwd=self.home,
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+
     def pids(self) -> set[int]:
         """Every process Airflow started that is still alive (the services and their children)."""
         found = set()

@@ -1,6 +1,11 @@
-"""Every DAG in dags/ runs end to end with `airflow dags test` on the real broker and control plane."""
+"""Every DAG in dags/ runs end to end on the real broker and control plane: the example here with
+`airflow dags test`, the event-driven one in a running Airflow (test_event_driven.py)."""
 
 from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
 
 import pytest
 from kubernetes import client
@@ -9,6 +14,30 @@ from scripts.demo import LOCAL_BROKER, dag_run_succeeded, run_example_dag
 from workqueue_provider.hooks.amqp import AmqpHook
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster]
+REPO = Path(__file__).resolve().parents[2]
+
+#: each DAG in dags/, and the end-to-end test that runs it
+DAG_TESTS = {
+    "work_queue_example": "tests.e2e.test_example_dag:test_the_example_dag_processes_every_item_once_and_deletes_its_queue",
+    "work_queue_on_arrival": "tests.e2e.test_event_driven:test_one_batch_message_starts_one_run_that_processes_every_item",
+    "work_queue_batch_report": "tests.e2e.test_event_driven:test_the_account_of_a_batch_reaches_the_dag_scheduled_on_its_asset",
+}
+
+
+def test_every_dag_in_dags_has_an_end_to_end_test():
+    from airflow.sdk import DAG
+
+    dag_ids = set()
+    for path in sorted((REPO / "dags").glob("*.py")):
+        spec = importlib.util.spec_from_file_location(f"dags_{path.stem}", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        dag_ids |= {value.dag_id for value in vars(module).values() if isinstance(value, DAG)}
+    assert dag_ids == set(DAG_TESTS), "a DAG in dags/ without an end-to-end test (or a test for a DAG gone)"
+    for target in DAG_TESTS.values():
+        module, _, name = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), name, None)), f"{target} does not exist"
 
 
 def test_the_example_dag_processes_every_item_once_and_deletes_its_queue(broker_url, cluster, tmp_path, monkeypatch):

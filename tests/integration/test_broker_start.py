@@ -20,7 +20,13 @@ import structlog.testing
 
 from tests.cluster.local_cluster import free_port
 from tests.conftest import task_context
-from workqueue_provider.exceptions import BrokerUnreachableError, ConfigurationError, CredentialsSecretNotFoundError
+from workqueue_provider.exceptions import (
+    BrokerUnreachableError,
+    ConfigurationError,
+    CredentialsSecretNotFoundError,
+    KubernetesAuthError,
+    KubernetesNotFoundError,
+)
 from workqueue_provider.hooks.amqp import AmqpHook
 from workqueue_provider.operators.broker import EnsureBrokerOperator
 
@@ -263,7 +269,7 @@ def test_a_missing_namespace_is_named_and_nothing_is_created(kube_env, monkeypat
         free_port(), credentials_secret="rabbitmq-credentials", credentials_namespace=missing))
     op = EnsureBrokerOperator(task_id="ensure_broker", amqp_conn_id="amqp_new")
     before = everything_in_the_cluster(kube_env)
-    with pytest.raises(ConfigurationError, match=f"namespace '{missing}' does not exist"):
+    with pytest.raises(KubernetesNotFoundError, match=f"namespace '{missing}' does not exist"):
         op.execute(task_context())
     # other tests' objects may go away meanwhile (namespaces being deleted); nothing may appear
     assert everything_in_the_cluster(kube_env) - before == set()
@@ -276,6 +282,7 @@ def test_an_rbac_refusal_is_named_and_nothing_is_created(namespace, kube_env, mo
     monkeypatch.setenv("AIRFLOW_CONN_AMQP_APP", f"amqp://app:app-password@127.0.0.1:{free_port()}/")
     op = EnsureBrokerOperator(task_id="ensure_broker", amqp_conn_id="amqp_app", kubernetes_conn_id="k8s_nobody",
                               namespace=namespace)
-    with pytest.raises(ConfigurationError, match="403 Forbidden.: .*cannot get resource .secrets.*connection 'k8s_nobody' lacks RBAC rights"):
+    refused = "403 Forbidden.: .*cannot get resource .secrets.*connection 'k8s_nobody' lacks RBAC rights"
+    with pytest.raises(KubernetesAuthError, match=refused):
         op.execute(task_context())
     assert objects_in(kube_env, namespace) == {}

@@ -132,3 +132,17 @@ def test_seed_amqp_consume_exits_zero_when_the_worker_fails(amqp_conn, broker_ur
     assert result.returncode == 0
     time.sleep(0.5)
     assert depth(queue_name) == 1
+
+
+def test_max_items_never_hands_back_an_item_it_did_not_take(amqp_conn, broker_url, queue_name):
+    """-c N with a prefetch above 1: the broker never sends more than N items, so none comes back
+    redelivered (a quorum queue would count it against the item's delivery limit)."""
+    prepare(queue_name, [str(i) for i in range(10)])
+    result = run_consume(broker_url, queue_name, "-c", "4", *WORKER)
+    assert result.returncode == 0 and len(result.stdout.splitlines()) == 4
+    connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+    channel = connection.channel()
+    left = [channel.basic_get(queue_name, auto_ack=True) for _ in range(6)]
+    connection.close()
+    assert [body for _m, _p, body in left] == [str(i).encode() for i in range(4, 10)]
+    assert not any(method.redelivered for method, _p, _b in left)

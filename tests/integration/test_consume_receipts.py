@@ -65,12 +65,19 @@ def test_dead_letter_on_a_queue_without_a_dead_letter_exchange_is_refused(amqp_c
     assert depth(queue_name) == 1  # nothing taken, nothing dropped
 
 
-def test_a_ledger_of_thousands_of_receipts_is_read_whole_and_left_in_place(amqp_conn, broker_url, queue_name):
-    """More receipts than any prefetch window; reading twice gives the same account (nothing consumed)."""
+@pytest.mark.parametrize("per_channel", [None, 700], ids=["one-channel", "four-channels"])
+def test_a_ledger_of_thousands_of_receipts_is_read_whole_and_left_in_place(amqp_conn, broker_url, queue_name,
+                                                                          monkeypatch, per_channel):
+    """More receipts than RabbitMQ 4 lets a prefetch-0 consumer hold (2,000); with ``per_channel``, more than
+    one channel may hold (65,535 in production: a ledger of 10 million is read on 153). Reading twice
+    gives the same account (nothing consumed)."""
     import pika
 
     from workqueue_provider.amqp import receipts
     from workqueue_provider.amqp.queues import fill_key
+
+    if per_channel:
+        monkeypatch.setattr(receipts, "MAX_UNACKED", per_channel)
 
     count = 2500
     prepare(queue_name, ["x"])

@@ -69,12 +69,13 @@ def account(queue):
         return receipts.read_account(connection, queue)
 
 
-def rabbitmqctl(*args):
+def rabbitmqctl(*args, capture=False) -> str:
     """rabbitmqctl against the test broker: the host's (3.10 on 5672), or the 4.0 node's on 5673."""
     if BrokerSettings.from_url(BROKER_URL).effective_port == 5673:
-        subprocess.run([str(REPO / "scripts/ensure-rabbitmq4.sh"), "ctl", "-q", *args], check=True)
+        command = [str(REPO / "scripts/ensure-rabbitmq4.sh"), "ctl", "-q", *args]
     else:
-        subprocess.run(["rabbitmqctl", "-q", *args], check=True)
+        command = ["rabbitmqctl", "-q", *args]
+    return subprocess.run(command, check=True, capture_output=capture, text=True).stdout or ""
 
 
 def cut_after(monkeypatch, count, times=1):
@@ -113,6 +114,30 @@ def test_a_new_fill_starts_a_new_ledger(broker_url, queue):
     found = account(queue)
     assert found is not None and (found.fill_id, found.filled, found.left, found.lost) == ("dag/task/run-2", 1, 1, 0)
     assert AmqpHook().queue_depth(receipts.receipts_queue(queue)).messages == 2, "run-2's start and fill records only"
+
+
+def queue_type_of(name) -> str:
+    """The queue's type as the broker lists it ('quorum', 'classic')."""
+    listed = rabbitmqctl("list_queues", "name", "type", "--no-table-headers", capture=True)
+    types = dict(line.split("\t")[:2] for line in listed.splitlines() if "\t" in line)
+    return types[name]
+
+
+def test_the_ledger_is_a_quorum_queue_and_a_classic_one_from_an_earlier_version_is_replaced(broker_url, queue):
+    """Replicated, so a node lost or cut off takes no receipt with it (issue 14); reads hand every record
+    back, so the 4.x default delivery limit (20) must not apply: read it more than 20 times."""
+    ledger = receipts.receipts_queue(queue)
+    connection, channel = channel_on(broker_url)
+    channel.queue_declare(ledger, durable=True, arguments={"x-queue-type": "classic"})
+    channel.basic_publish("", ledger, b"", pika.BasicProperties(headers={receipts.RECORD_HEADER: "fill"}))
+    connection.close()
+
+    FillQueueOperator(task_id="fill", queue_name=queue, items=["a", "b", "c"]).execute(task_context())
+    assert queue_type_of(ledger) == "quorum"
+    for _ in range(25):
+        found = account(queue)
+    assert found is not None and (found.fill_id, found.filled, found.left, found.lost) == ("dag/task/manual__1", 3, 3, 0)
+    assert AmqpHook().queue_depth(ledger).messages == 2, "the start and fill records, each read 25 times, all kept"
 
 
 # -- C: a retry purges only when every message is its own, and never peeks ---------------------------

@@ -19,6 +19,7 @@ from workqueue_provider.hooks.amqp import AmqpHook
 from workqueue_provider.operators.job import QueueJobOperator
 from workqueue_provider.operators.queue import DeclareQueueOperator, FillQueueOperator
 from workqueue_provider.sensors.job import JobCompleteSensor
+from workqueue_provider.triggers.amqp_message import AmqpMessageTrigger
 from workqueue_provider.triggers.job import JobCompleteTrigger
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster]
@@ -132,7 +133,7 @@ def test_the_trigger_watches_until_complete_and_the_sensor_verifies(amqp_conn, k
     filled(queue_name)
     launched = job_op(queue_name, namespace, wait_for_completion=False).execute(task_context())
     event = run_trigger(JobCompleteTrigger(kubernetes_conn_id=kube_conn, deadline=time.time() + 120, **launched))
-    assert event["status"] == "succeeded" and event["assessment"]["succeeded"] == 8
+    assert event["status"] == "succeeded" and event["job"]["status"]["succeeded"] == 8
     sensor = JobCompleteSensor(task_id="wait", queue_name=queue_name, **launched)
     summary = sensor.execute_complete(task_context(), event)
     assert summary["succeeded"] == 8 and summary["items_left"] == 0
@@ -165,6 +166,12 @@ TRIGGER_ARGUMENTS = {
          "progress_every": 5, "queue_name": "q", "amqp_conn_id": "a", "image_pull_grace_seconds": 7.5},
         {"job_name": "j2", "namespace": "n2", "kubernetes_conn_id": "k2", "deadline": None, "delete_on_kill": True,
          "progress_every": 0, "queue_name": None, "amqp_conn_id": None, "image_pull_grace_seconds": None},
+    ],
+    AmqpMessageTrigger: [
+        {"queue_name": "batches", "amqp_conn_id": "a", "body_format": "json", "prefetch": 3, "ack_delay": 1.5,
+         "max_body_bytes": 1000, "max_reconnect_wait": 9.0},
+        {"queue_name": "b2", "amqp_conn_id": "a2", "body_format": "text", "prefetch": 1, "ack_delay": 0.5,
+         "max_body_bytes": 10, "max_reconnect_wait": 1.0},
     ],
 }
 
@@ -246,12 +253,14 @@ def test_periodic_progress_says_how_many_items_are_left(amqp_conn, kube_conn, cl
 
 def test_the_stuck_pod_check_leaves_a_slow_starting_job_alone(amqp_conn, kube_conn, cluster, namespace, queue_name,
                                                              monkeypatch, caplog):
-    """Pods that are slow to become ready (a 4 s init container) are listed and checked, but not stuck; the
-    check ran cleanly (it swallows its own errors, so "the job was left alone" alone would prove nothing)."""
-    from workqueue_provider.triggers import job as trigger_module
+    """Pods that are slow to become ready (an 8 s init container; pods are read after 5 s not ready) are
+    listed and checked, but not stuck; the check ran cleanly (it swallows its own errors, so "the job was left
+    alone" alone would prove nothing)."""
+    from workqueue_provider.hooks import kubernetes_async
+    from workqueue_provider.kube import job_wait
 
-    real_list = trigger_module.async_client.CoreV1Api.list_namespaced_pod
-    real_stuck = trigger_module.stuck_containers
+    real_list = kubernetes_async.async_client.CoreV1Api.list_namespaced_pod
+    real_stuck = job_wait.stuck_containers
     listed, checked = [], []
 
     async def counting_list(self, *args, **kwargs):
@@ -264,19 +273,19 @@ def test_the_stuck_pod_check_leaves_a_slow_starting_job_alone(amqp_conn, kube_co
         checked.append(found)
         return found
 
-    monkeypatch.setattr(trigger_module.async_client.CoreV1Api, "list_namespaced_pod", counting_list)
-    monkeypatch.setattr(trigger_module, "stuck_containers", recording_stuck)
+    monkeypatch.setattr(kubernetes_async.async_client.CoreV1Api, "list_namespaced_pod", counting_list)
+    monkeypatch.setattr(job_wait, "stuck_containers", recording_stuck)
     filled(queue_name, items=["a", "b"])
-    warm_up = {"spec": {"initContainers": [{"name": "warm-up", "image": "busybox", "command": ["sh", "-c", "sleep 4"]}]}}
+    warm_up = {"spec": {"initContainers": [{"name": "warm-up", "image": "busybox", "command": ["sh", "-c", "sleep 8"]}]}}
     launched = job_op(queue_name, namespace, wait_for_completion=False, parallelism=2,
                       pod_template=warm_up).execute(task_context())
     caplog.set_level(logging.DEBUG)
     with structlog.testing.capture_logs() as captured:
         event = run_trigger(JobCompleteTrigger(kubernetes_conn_id=kube_conn, deadline=time.time() + 120,
                                                image_pull_grace_seconds=1, **launched))
-    assert event["status"] == "succeeded" and event["assessment"]["succeeded"] == 2, event
+    assert event["status"] == "succeeded" and event["job"]["status"]["succeeded"] == 2, event
     assert listed and any(listed), f"the check listed the pods while they were not ready: {listed}"
     assert checked and not any(checked), f"the listed pods were assessed and none was stuck: {checked}"
     log = [r.getMessage() for r in caplog.records] + [repr(e) for e in captured]
-    failures = [m for m in log if "check for pods that can't start failed" in m or "Can't list the pods" in m]
+    failures = [m for m in log if "check for pods that can't start failed" in m or "Not checking the pods" in m]
     assert not failures, f"the stuck-pod check did not run cleanly: {failures}"

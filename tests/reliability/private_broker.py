@@ -70,22 +70,23 @@ class PrivateBroker:
     advanced.config (e.g. ``[{rabbit, [{channel_tick_interval, 1000}]}]``).
     """
 
-    def __init__(self, *, config: list[str] | None = None, advanced: str | None = None, tls_port: bool = False):
+    def __init__(self, *, config: list[str] | None = None, advanced: str | None = None, tls_port: bool = False,
+                 cookie: str | None = None, password: str | None = None):
         self.base = Path(tempfile.mkdtemp(prefix="workqueue-rabbit-", dir="/tmp" if ROOTFS else None))
         self.port = listen_port()
         self.dist_port = listen_port()
         self.tls_port = listen_port() if tls_port else None
         self.node = f"wq-{secrets.token_hex(4)}@localhost"
         self.user = "workqueue"
-        self.password = secrets.token_urlsafe(24)
+        self.password = password or secrets.token_urlsafe(24)
         self.config = list(config or [])
         self.advanced = advanced
         self.process: subprocess.Popen | None = None
         for sub in ("mnesia", "log", "home"):
             (self.base / sub).mkdir()
-        cookie = self.base / "home" / ".erlang.cookie"
-        cookie.write_text(secrets.token_hex(16))
-        cookie.chmod(0o400)
+        cookie_file = self.base / "home" / ".erlang.cookie"
+        cookie_file.write_text(cookie or secrets.token_hex(16))
+        cookie_file.chmod(0o400)
 
     @property
     def url(self) -> str:
@@ -169,6 +170,30 @@ class PrivateBroker:
         if result.returncode != 0:
             raise PrivateBrokerError(f"start_app failed: {result.stderr}")
         self.wait_until_running()
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to the node's whole process group (the Erlang VM and its helpers; epmd is a daemon
+        of its own and is spared)."""
+        assert self.process is not None
+        os.killpg(self.process.pid, signum)
+
+    def kill(self) -> None:
+        """SIGKILL the node: no clean shutdown, its data dir stays for :meth:`restart`."""
+        self.signal(signal.SIGKILL)
+        assert self.process is not None
+        self.process.wait(30)
+
+    def shutdown(self) -> None:
+        """Stop the node cleanly (``rabbitmqctl shutdown``: what SIGTERM to a pod does), its data kept for :meth:`restart`."""
+        assert self.process is not None
+        result = self.ctl("shutdown", timeout=120)
+        if result.returncode != 0:
+            raise PrivateBrokerError(f"shutdown of {self.node} failed: {result.stderr}")
+        self.process.wait(60)
+
+    def restart(self) -> None:
+        """Start the node again on its data (after :meth:`kill` or a stop), same name and ports."""
+        self._spawn()
 
     def log_tail(self, lines: int = 40) -> str:
         text = ""

@@ -153,7 +153,7 @@ def test_a_secret_left_unowned_by_a_dead_attempt_is_adopted_on_reattach(amqp_con
                                                                        namespace, queue_name, tmp_path, monkeypatch):
     """The first attempt died between creating the Job and making it own its Secret: the retry re-attaches
     and adopts it, so deleting the Job (its TTL, a kill) deletes the Secret with the broker password too."""
-    from workqueue_provider.hooks.jobs import JobsHook
+    from workqueue_provider.hooks.kubernetes import KubernetesApi as JobsHook
 
     filled(queue_name, FRUIT[:1])
     command = worker_script(tmp_path, PRINT)
@@ -169,7 +169,7 @@ def test_a_secret_left_unowned_by_a_dead_attempt_is_adopted_on_reattach(amqp_con
 
 def test_a_concurrent_attempt_that_created_the_job_first_keeps_its_secret(amqp_conn, kube_conn, cluster, core,
                                                                          namespace, queue_name, tmp_path, monkeypatch):
-    from workqueue_provider.hooks.jobs import JobsHook
+    from workqueue_provider.hooks.kubernetes import KubernetesApi as JobsHook
 
     filled(queue_name, FRUIT[:1])
     command = worker_script(tmp_path, PRINT)

@@ -18,10 +18,11 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from tests.conftest import task_context, worker_output
 from workqueue_provider.compat import TaskDeferred
 from workqueue_provider.exceptions import JobError
+from workqueue_provider.hooks import kubernetes_async
 from workqueue_provider.hooks.amqp import AmqpHook
+from workqueue_provider.kube import job_wait
 from workqueue_provider.operators.job import QueueJobOperator
 from workqueue_provider.operators.queue import DeclareQueueOperator, FillQueueOperator
-from workqueue_provider.triggers import job as trigger_module
 from workqueue_provider.triggers.job import JobCompleteTrigger
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster]
@@ -127,7 +128,7 @@ SLOW_ITEM = 'sleep 1.5\necho "Processing $item"\n'
 def before_airflow_3_3(monkeypatch, trigger: JobCompleteTrigger, task_state: str) -> None:
     """Run ``cleanup()``'s pre-3.3 path for real: the version check says < 3.3, the trigger has its task
     instance, and the task's state (read from the API server before 3.3) is ``task_state``."""
-    monkeypatch.setattr("workqueue_provider.triggers.job._airflow_3_3_plus", lambda: False)
+    monkeypatch.setattr("workqueue_provider.compat.airflow_3_3_plus", lambda: False)
     trigger.task_instance = SimpleNamespace(dag_id="dag", task_id="run_job", run_id="manual__1", map_index=-1)
 
     async def state(self):
@@ -197,14 +198,14 @@ def test_the_watch_survives_an_api_server_restart(amqp_conn, kube_conn, cluster,
     caplog.set_level(logging.INFO)
 
     progress: list[str] = []  # the trigger's progress, as it logs it (each assessment of the Job it saw)
-    real_assess = trigger_module.assess
+    real_assess = job_wait.assess
 
     def recording_assess(job):
         verdict = real_assess(job)
         progress.append(verdict.progress())
         return verdict
 
-    monkeypatch.setattr(trigger_module, "assess", recording_assess)
+    monkeypatch.setattr(job_wait, "assess", recording_assess)
 
     async def wait_through_restart(captured):
         trigger = JobCompleteTrigger(kubernetes_conn_id=kube_conn, deadline=time.time() + 180, **launched)
@@ -223,7 +224,7 @@ def test_the_watch_survives_an_api_server_restart(amqp_conn, kube_conn, cluster,
 
     with structlog.testing.capture_logs() as captured:
         away, event = asyncio.run(wait_through_restart(captured))
-    assert event["status"] == "succeeded" and event["assessment"]["succeeded"] == 4, event
+    assert event["status"] == "succeeded" and event["job"]["status"]["succeeded"] == 4, event
     reconnects = [m for m in logged(caplog, captured) if "reconnecting" in m or "410" in m]
     print(f"\nkube-apiserver away {away:.1f} s; the trigger logged: {reconnects}")
     assert reconnects, "the watch noticed the restart"
@@ -252,7 +253,7 @@ def test_waiting_in_the_worker_rides_out_an_api_server_restart(amqp_conn, kube_c
             errors.append(e)
 
     restarter = threading.Thread(target=restart_once_running)
-    caplog.set_level(logging.WARNING, logger="workqueue_provider.hooks.jobs")
+    caplog.set_level(logging.WARNING, logger="workqueue_provider.hooks.kubernetes")
     restarter.start()
     try:
         summary = operator.execute(task_context())  # deferrable=False: polls get_job through the outage
@@ -277,7 +278,7 @@ def test_a_410_gone_makes_the_watch_list_again(amqp_conn, kube_conn, cluster, na
     filled(queue_name, ["a", "b"])
     launched = job_op(queue_name, namespace, worker_script(tmp_path, SLOW_ITEM), wait_for_completion=False,
                       parallelism=1).execute(task_context())
-    real_watch = trigger_module.async_watch.Watch
+    real_watch = kubernetes_async.async_watch.Watch
     gone = {"raised": 0}
 
     class ExpiringOnce(real_watch):
@@ -287,7 +288,7 @@ def test_a_410_gone_makes_the_watch_list_again(amqp_conn, kube_conn, cluster, na
                 raise ApiException(status=410, reason="Gone: too old resource version")
             return super().stream(func, *args, **kwargs)
 
-    monkeypatch.setattr(trigger_module.async_watch, "Watch", ExpiringOnce)
+    monkeypatch.setattr(kubernetes_async.async_watch, "Watch", ExpiringOnce)
     caplog.set_level(logging.INFO)
     with structlog.testing.capture_logs() as captured:
         event = asyncio.run(asyncio.wait_for(first_event(JobCompleteTrigger(kubernetes_conn_id=kube_conn, **launched)),

@@ -14,7 +14,7 @@ from kubernetes import client
 from tests.conftest import task_context, worker_output
 from tests.integration.test_broker_start import amqp_connection, register_local_rabbitmq
 from workqueue_provider.compat import TaskDeferred
-from workqueue_provider.exceptions import ConfigurationError, JobError
+from workqueue_provider.exceptions import JobError, KubernetesAuthError
 from workqueue_provider.operators.broker import EnsureBrokerOperator
 from workqueue_provider.operators.job import QueueJobOperator
 from workqueue_provider.operators.queue import DeclareQueueOperator, DeleteQueueOperator, FillQueueOperator
@@ -105,12 +105,12 @@ def test_an_identity_without_the_role_gets_a_clear_403_before_anything_is_create
     k8s = kube_connection_as(cluster, monkeypatch, "user-2")
     operator = QueueJobOperator(task_id="run_job", image="job-wq-1", queue_name=queue_name, namespace=namespace,
                                 deferrable=False, kubernetes_conn_id=k8s)
-    with pytest.raises(ConfigurationError) as raised:
+    with pytest.raises(KubernetesAuthError) as raised:
         operator.execute(task_context())
     message = str(raised.value)
     assert "403 Forbidden" in message and "RBAC" in message and "deploy/rbac.yaml" in message, message
     assert repr(namespace) in message
     assert created_objects(core, batch, namespace) == []
     sensor = JobCompleteSensor(task_id="wait_for_job", job_name="any", namespace=namespace, kubernetes_conn_id=k8s)
-    with pytest.raises(ConfigurationError, match="403 Forbidden"):
+    with pytest.raises(KubernetesAuthError, match="403 Forbidden"):
         sensor.poke(task_context())

@@ -7,8 +7,14 @@ from types import SimpleNamespace
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from workqueue_provider.exceptions import BrokerError, ConfigurationError, WorkQueueError
-from workqueue_provider.hooks import broker_credentials
+from workqueue_provider.exceptions import (
+    ConfigurationError,
+    KubernetesAuthError,
+    KubernetesError,
+    KubernetesNotFoundError,
+    KubernetesUnreachableError,
+    WorkQueueError,
+)
 from workqueue_provider.hooks.amqp import AmqpHook
 from workqueue_provider.hooks.broker_credentials import (
     CredentialsSecretNotFoundError,
@@ -17,6 +23,7 @@ from workqueue_provider.hooks.broker_credentials import (
     read_credentials,
 )
 from workqueue_provider.hooks.kube_errors import api_error as translate_api_error
+from workqueue_provider.hooks.kubernetes import KubernetesApi
 
 PASSWORD = "Zx9-generated-secret-password_42"
 
@@ -39,7 +46,7 @@ class FakeCoreV1:
         self.error = error
         self.calls = []
 
-    def read_namespaced_secret(self, name, namespace):
+    def read_namespaced_secret(self, name, namespace, **_request_options):
         self.calls.append((name, namespace))
         if self.error is not None:
             raise self.error
@@ -48,17 +55,32 @@ class FakeCoreV1:
         return SimpleNamespace(data=self.secrets[(namespace, name)])
 
 
+class FakeApiClient:
+    @staticmethod
+    def sanitize_for_serialization(secret):
+        return {"data": secret.data}
+
+
+def fake_api(core, conn_id="kubernetes_default"):
+    """A KubernetesApi whose CoreV1Api is ``core`` (the access layer's own error translation stays real)."""
+    api = KubernetesApi(conn_id)
+    api.__dict__.update(core=core, api_client=FakeApiClient())
+    return api
+
+
 @pytest.fixture
 def fake_kube(monkeypatch):
     """The Kubernetes connection the hook reads the Secret through, faked; records which conn id was used."""
     core = FakeCoreV1({("brokers", "rabbitmq-credentials"): {"username": b64("workqueue"), "password": b64(PASSWORD)}})
     used = []
+    real_init = KubernetesApi.__init__
 
-    def fake_hook(conn_id):
+    def init(self, conn_id="kubernetes_default"):
         used.append(conn_id)
-        return SimpleNamespace(conn_id=conn_id, core_v1_client=core)
+        real_init(self, conn_id)
+        self.__dict__.update(core=core, api_client=FakeApiClient())
 
-    monkeypatch.setattr(broker_credentials, "kubernetes_hook", fake_hook)
+    monkeypatch.setattr(KubernetesApi, "__init__", init)
     return SimpleNamespace(core=core, used=used)
 
 
@@ -117,7 +139,6 @@ def test_a_missing_secret_says_the_broker_was_not_started(monkeypatch, fake_kube
     assert "Secret 'rabbitmq-credentials' in namespace 'elsewhere'" in message
     assert "EnsureBrokerOperator" in message
     assert isinstance(raised.value, ConfigurationError)
-    assert isinstance(raised.value.__cause__, ApiException)
 
 
 def test_test_connection_reports_a_missing_secret_instead_of_raising(monkeypatch, fake_kube):
@@ -137,7 +158,7 @@ def test_test_connection_reports_a_missing_secret_instead_of_raising(monkeypatch
 def test_an_unusable_secret_is_named(data, fragment):
     core = FakeCoreV1({("ns", "creds"): data})
     with pytest.raises(ConfigurationError, match=fragment):
-        read_credentials(SecretRef("creds", "ns"), client=core)
+        read_credentials(SecretRef("creds", "ns"), fake_api(core))
 
 
 @pytest.mark.parametrize(
@@ -145,16 +166,16 @@ def test_an_unusable_secret_is_named(data, fragment):
     [
         pytest.param(api_error(403, 'secrets "creds" is forbidden: User "user-1" cannot get resource "secrets" '
                                     'in API group "" in the namespace "ns"'),
-                     ConfigurationError, ["connection 'k8s' lacks RBAC rights", "403 Forbidden",
+                     KubernetesAuthError, ["connection 'k8s' lacks RBAC rights", "403 Forbidden",
                                           'User "user-1" cannot get resource "secrets"', "Role"], id="rbac"),
-        pytest.param(api_error(500, "etcdserver: request timed out"), BrokerError, ["500", "etcdserver"], id="server"),
-        pytest.param(ConnectionRefusedError(111, "Connection refused"), BrokerError,
+        pytest.param(api_error(500, "etcdserver: request timed out"), KubernetesError, ["500", "etcdserver"], id="server"),
+        pytest.param(ConnectionRefusedError(111, "Connection refused"), KubernetesUnreachableError,
                      ["can't be reached", "'k8s'"], id="api-down"),
     ],
 )
 def test_kubernetes_errors_are_translated_and_never_leak(error, expected_type, fragments):
     with pytest.raises(WorkQueueError) as raised:
-        read_credentials(SecretRef("creds", "ns", "k8s"), client=FakeCoreV1(error=error))
+        read_credentials(SecretRef("creds", "ns", "k8s"), fake_api(FakeCoreV1(error=error), "k8s"))
     assert type(raised.value) is expected_type
     assert raised.value.__cause__ is error
     for fragment in fragments:
@@ -164,13 +185,13 @@ def test_kubernetes_errors_are_translated_and_never_leak(error, expected_type, f
 def test_a_missing_namespace_is_named():
     error = translate_api_error(api_error(404, 'namespaces "team-x" not found', "namespaces", "team-x"),
                                 "create Secret 'rabbitmq-credentials'", kubernetes_conn_id="k8s", namespace="team-x")
-    assert isinstance(error, ConfigurationError)
+    assert isinstance(error, KubernetesNotFoundError)
     assert "namespace 'team-x' does not exist" in str(error) and "kubectl create namespace team-x" in str(error)
 
 
 def test_an_unknown_kubernetes_connection_is_a_configuration_error(monkeypatch):
     set_amqp_conn(monkeypatch, credentials_secret="creds", kubernetes_conn_id="no_such_kubernetes_conn")
-    with pytest.raises(ConfigurationError, match="Kubernetes connection 'no_such_kubernetes_conn' can't be used"):
+    with pytest.raises(ConfigurationError, match="Kubernetes connection 'no_such_kubernetes_conn' isn't defined"):
         _ = AmqpHook().settings
 
 

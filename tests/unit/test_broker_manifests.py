@@ -10,11 +10,15 @@ from workqueue_provider.exceptions import ConfigurationError
 from workqueue_provider.kube.broker_manifests import (
     DEFAULT_IMAGE,
     DEFAULT_RESOURCES,
-    SEED_POD_LABELS,
+    TUTORIAL_POD_LABELS,
     BrokerManifestSpec,
+    cluster_config_map,
+    cookie_secret,
     credentials_secret,
     differences,
+    generate_cookie,
     generate_password,
+    nodes_service,
     rabbitmq_service,
     rabbitmq_statefulset,
 )
@@ -47,7 +51,7 @@ def test_service_is_the_seeds_rabbitmq_service():
     assert service["metadata"]["namespace"] == "team-a"
     assert service["metadata"]["labels"]["component"] == "rabbitmq"
     assert [p["port"] for p in service["spec"]["ports"]] == [5672]
-    assert service["spec"]["selector"] == SEED_POD_LABELS
+    assert service["spec"]["selector"] == TUTORIAL_POD_LABELS
 
 
 def test_statefulset_is_the_seeds_with_credentials_from_the_secret():
@@ -55,8 +59,8 @@ def test_statefulset_is_the_seeds_with_credentials_from_the_secret():
     spec = sts["spec"]
     assert sts["metadata"]["name"] == "rabbitmq"
     assert (spec["replicas"], spec["serviceName"]) == (1, "rabbitmq-service")
-    assert spec["selector"]["matchLabels"] == SEED_POD_LABELS == {
-        k: v for k, v in spec["template"]["metadata"]["labels"].items() if k in SEED_POD_LABELS}
+    assert spec["selector"]["matchLabels"] == TUTORIAL_POD_LABELS == {
+        k: v for k, v in spec["template"]["metadata"]["labels"].items() if k in TUTORIAL_POD_LABELS}
     [container] = spec["template"]["spec"]["containers"]
     assert container["image"] == DEFAULT_IMAGE
     assert [p["containerPort"] for p in container["ports"]] == [5672]
@@ -129,3 +133,95 @@ def test_differences_name_what_an_existing_object_changes():
     moved["spec"]["ports"] = [{"port": 5671, "targetPort": 5671}]
     assert differences(moved, service) == ["ports [(5671, 5671)] (wanted [(5672, 5672)])"]
     assert differences({"data": {"username": "dQ=="}}, credentials_secret(SPEC, "u", "p")) == ["no key(s) password"]
+
+
+# -- replicas > 1: a RabbitMQ cluster ----------------------------------------------------------------
+CLUSTER = BrokerManifestSpec(namespace="team-a", replicas=3)
+
+
+@pytest.mark.parametrize(
+    ("build", "model"),
+    [
+        pytest.param(lambda: rabbitmq_statefulset(CLUSTER), "V1StatefulSet", id="statefulset"),
+        pytest.param(lambda: nodes_service(CLUSTER), "V1Service", id="headless-service"),
+        pytest.param(lambda: cluster_config_map(CLUSTER), "V1ConfigMap", id="config-map"),
+        pytest.param(lambda: cookie_secret(CLUSTER, "c00kie"), "V1Secret", id="cookie-secret"),
+    ],
+)
+def test_every_cluster_field_is_a_known_api_field(build, model):
+    manifest = build()
+    assert round_trip(manifest, model) == manifest
+
+
+def test_each_node_has_a_stable_name_through_the_headless_service():
+    sts, headless = rabbitmq_statefulset(CLUSTER), nodes_service(CLUSTER)
+    assert (sts["spec"]["replicas"], sts["spec"]["serviceName"]) == (3, "rabbitmq-nodes")
+    assert headless["metadata"]["name"] == "rabbitmq-nodes"
+    assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"] is True
+    assert headless["spec"]["selector"] == sts["spec"]["selector"]["matchLabels"]
+    assert {p["port"] for p in headless["spec"]["ports"]} == {5672, 4369, 25672}
+    env = {e["name"]: e for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["RABBITMQ_USE_LONGNAME"]["value"] == "true"
+    assert env["RABBITMQ_NODENAME"]["value"] == "rabbit@$(MY_POD_NAME).rabbitmq-nodes.team-a.svc.cluster.local"
+    assert CLUSTER.node_hosts() == [f"rabbitmq-{i}.rabbitmq-nodes.team-a.svc.cluster.local" for i in range(3)]
+
+
+def test_peers_are_discovered_from_the_config_map_naming_every_node():
+    conf = cluster_config_map(CLUSTER)["data"]["cluster.conf"].splitlines()
+    assert "cluster_formation.peer_discovery_backend = classic_config" in conf
+    assert [line.split(" = ")[1] for line in conf if ".classic_config.nodes." in line] == [
+        f"rabbit@rabbitmq-{i}.rabbitmq-nodes.team-a.svc.cluster.local" for i in range(3)]
+    sts = rabbitmq_statefulset(CLUSTER)
+    [mount] = [m for m in sts["spec"]["template"]["spec"]["containers"][0]["volumeMounts"] if m["name"] == "cluster-config"]
+    assert mount["mountPath"].startswith("/etc/rabbitmq/conf.d/")
+    volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["cluster-config"]["configMap"]["name"] == cluster_config_map(CLUSTER)["metadata"]["name"]
+
+
+def test_every_node_reads_the_same_erlang_cookie_from_a_secret():
+    secret = cookie_secret(CLUSTER, "c00kie")
+    assert base64.b64decode(secret["data"][".erlang.cookie"]).decode() == "c00kie"
+    pod = rabbitmq_statefulset(CLUSTER)["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["erlang-cookie"]["secret"]["secretName"] == secret["metadata"]["name"]
+    [init] = pod["initContainers"]
+    assert "/var/lib/rabbitmq/.erlang.cookie" in init["command"][-1] and "chmod 600" in init["command"][-1]
+    assert "c00kie" not in repr(rabbitmq_statefulset(CLUSTER)), "the cookie is never in the StatefulSet"
+    assert len(generate_cookie()) >= 32 and generate_cookie() != generate_cookie()
+
+
+def test_a_cluster_boots_in_parallel_on_persistent_volumes():
+    spec = rabbitmq_statefulset(BrokerManifestSpec(replicas=3, data_size="5Gi", storage_class="fast"))["spec"]
+    assert spec["podManagementPolicy"] == "Parallel"
+    [claim] = spec["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "rabbitmq-data"
+    assert (claim["spec"]["resources"]["requests"]["storage"], claim["spec"]["storageClassName"]) == ("5Gi", "fast")
+    assert "rabbitmq-data" not in {v["name"] for v in spec["template"]["spec"]["volumes"]}
+
+
+def test_one_replica_stays_the_seeds_single_node():
+    sts = rabbitmq_statefulset(SPEC)["spec"]
+    assert "volumeClaimTemplates" not in sts and "initContainers" not in sts["template"]["spec"]
+    assert SPEC.node_hosts() == ["rabbitmq-service.team-a.svc"]
+
+
+@pytest.mark.parametrize("replicas", [0, 2, 4, -1, True, "3"])
+def test_a_cluster_size_without_a_majority_to_spare_is_refused(replicas):
+    with pytest.raises(ConfigurationError, match="odd cluster size"):
+        BrokerManifestSpec(replicas=replicas)
+
+
+def test_a_cluster_statefulset_differs_from_a_single_node_one():
+    assert differences(rabbitmq_statefulset(SPEC), rabbitmq_statefulset(CLUSTER)) == [
+        "replicas 1 (wanted 3)", "serviceName 'rabbitmq-service' (wanted 'rabbitmq-nodes')"]
+
+
+@pytest.mark.parametrize("replicas", [1, 3])
+def test_the_broker_meets_the_restricted_pod_security_standard(replicas):
+    from workqueue_provider.kube.broker_manifests import BrokerManifestSpec, rabbitmq_statefulset
+
+    pod = rabbitmq_statefulset(BrokerManifestSpec(replicas=replicas))["spec"]["template"]["spec"]
+    assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 999, "runAsGroup": 999, "fsGroup": 999,
+                                      "seccompProfile": {"type": "RuntimeDefault"}}
+    for container in pod["containers"] + pod.get("initContainers", []):
+        assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}

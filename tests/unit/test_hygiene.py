@@ -1,11 +1,11 @@
-"""The code checks `make test` enforces: ruff, mypy on provider/, and the import-linter layering."""
+"""The code checks `make test` enforces: ruff, mypy on provider/, and the import-linter layering.
+
+The built wheel's contents are checked in test_dist.py."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -29,21 +29,3 @@ def test_code_checks_pass(command):
                             timeout=300)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
 
-
-def test_the_built_wheel_ships_its_type_marker(tmp_path):
-    """PEP 561: the wheel (not just the source tree) holds workqueue_provider/py.typed. Built from a copy of
-    the sources, so the build leaves nothing in the repository."""
-    source = tmp_path / "src"
-    source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(REPO / name, source / name)
-    shutil.copytree(REPO / "provider", source / "provider",
-                    ignore=shutil.ignore_patterns("*.egg-info", "__pycache__", "build"))
-    result = subprocess.run([str(BIN / "python"), "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"),
-                             str(source)], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    [wheel] = (tmp_path / "dist").glob("airflow_provider_workqueue-*.whl")
-    with zipfile.ZipFile(wheel) as archive:
-        names = archive.namelist()
-    assert "workqueue_provider/__init__.py" in names, names
-    assert "workqueue_provider/py.typed" in names, f"{wheel.name} has no py.typed"

@@ -1,6 +1,8 @@
 import pytest
 
 from workqueue_provider.exceptions import ConfigurationError
+from workqueue_provider.kube import failure_policy
+from workqueue_provider.kube.failure_policy import queue_failure_policy
 from workqueue_provider.kube.job_manifest import (
     SPEC_HASH_ANNOTATION,
     JobOptions,
@@ -9,6 +11,7 @@ from workqueue_provider.kube.job_manifest import (
     job_name_for,
     merge,
 )
+from workqueue_provider.worker import consume
 
 
 def test_job_names_are_deterministic_valid_and_unique_per_run():
@@ -74,7 +77,8 @@ def test_the_seed_job_manifest():
     assert pod["imagePullSecrets"] == [{"name": "regcred"}]
     container = pod["containers"][0]
     env = {e["name"]: e for e in container["env"]}
-    assert env["BROKER_URL"] == {"name": "BROKER_URL", "valueFrom": {"secretKeyRef": {"name": "job-wq-1-abc-broker", "key": "BROKER_URL"}}}
+    secret_ref = {"secretKeyRef": {"name": "job-wq-1-abc-broker", "key": "BROKER_URL"}}
+    assert env["BROKER_URL"] == {"name": "BROKER_URL", "valueFrom": secret_ref}
     assert env["QUEUE"]["value"] == "job1" and "command" not in container
     assert job["metadata"]["annotations"][SPEC_HASH_ANNOTATION] == options.fingerprint()
     assert job["metadata"]["labels"]["team"] == "data"
@@ -93,12 +97,14 @@ def test_templates_fill_in_anything_else_and_explicit_options_win():
     pod = job["spec"]["template"]["spec"]
     assert pod["priorityClassName"] == "batch"
     worker = [c for c in pod["containers"] if c["name"] == "worker"][0]
-    assert worker["securityContext"] == {"runAsNonRoot": True} and worker["image"] == "job-wq-1"
+    assert worker["securityContext"] == {"runAsNonRoot": True, "allowPrivilegeEscalation": False,
+                                         "capabilities": {"drop": ["ALL"]}} and worker["image"] == "job-wq-1"
     assert [c["name"] for c in pod["containers"]] == ["worker", "sidecar"]
 
 
 def test_fingerprint_changes_with_the_spec():
-    assert JobOptions(image="a", queue_name="q").fingerprint() != JobOptions(image="a", queue_name="q", parallelism=3).fingerprint()
+    default, wider = JobOptions(image="a", queue_name="q"), JobOptions(image="a", queue_name="q", parallelism=3)
+    assert default.fingerprint() != wider.fingerprint()
     assert merge({"a": {"b": 1}}, {"a": {"c": 2}}) == {"a": {"b": 1, "c": 2}}
 
 
@@ -118,3 +124,75 @@ def test_service_account_names_may_have_dots_as_kubernetes_allows():
     assert JobOptions(image="i", queue_name="q", service_account_name="team.batch-runner").service_account_name
     with pytest.raises(ConfigurationError, match="RFC 1123 subdomain"):
         JobOptions(image="i", queue_name="q", service_account_name="Team..runner")
+
+
+def test_pods_meet_the_restricted_pod_security_standard_by_default():
+    pod = build_job("n", JobOptions(image="i", queue_name="q"), completions=1, secret_name="s")["spec"]["template"]["spec"]
+    assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001,
+                                      "seccompProfile": {"type": "RuntimeDefault"}}
+    (worker,) = pod["containers"]
+    assert worker["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def test_a_pod_template_overrides_the_security_defaults_key_by_key():
+    options = JobOptions(image="i", queue_name="q", pod_template={"spec": {"securityContext": {"runAsUser": 0,
+                                                                                              "runAsNonRoot": False}}})
+    pod = build_job("n", options, completions=1, secret_name="s")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsUser"] == 0 and pod["securityContext"]["runAsNonRoot"] is False
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+
+
+def test_the_worker_image_runs_as_the_uid_the_pods_ask_for():
+    from pathlib import Path
+
+    from workqueue_provider.kube.job_manifest import WORKER_UID
+
+    dockerfile = (Path(__file__).resolve().parents[2] / "worker" / "Dockerfile").read_text()
+    users = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("USER ")]
+    assert users == [f"{WORKER_UID}:{WORKER_UID}"], "worker/Dockerfile must end as the pods' numeric non-root user"
+
+
+def test_a_replacement_pod_starts_only_once_the_old_one_failed_by_default():
+    job = build_job("j", JobOptions(image="i", queue_name="q"), completions=1, secret_name="s")
+    assert job["spec"]["podReplacementPolicy"] == "Failed"
+    unset = build_job("j", JobOptions(image="i", queue_name="q", pod_replacement_policy=None), completions=1, secret_name="s")
+    assert "podReplacementPolicy" not in unset["spec"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        pytest.param({"pod_replacement_policy": "Terminating"}, "use one of", id="unknown-replacement"),
+        pytest.param({"pod_replacement_policy": "TerminatingOrFailed", "restart_policy": "Never",
+                      "pod_failure_policy": queue_failure_policy()}, "allows only 'Failed'", id="replacement-with-pfp"),
+        pytest.param({"pod_failure_policy": queue_failure_policy()}, "pass restart_policy='Never'", id="preset-onfailure"),
+    ],
+)
+def test_policies_that_kubernetes_would_refuse_are_refused_first(kwargs, fragment):
+    with pytest.raises(ConfigurationError, match=fragment):
+        JobOptions(image="i", queue_name="q", **kwargs)
+
+
+def test_the_queue_failure_policy_ignores_disruptions_counts_broker_outages_and_fails_on_poison():
+    options = JobOptions(image="i", queue_name="q", restart_policy="Never",
+                         pod_failure_policy=queue_failure_policy(poison_exit_code=3))
+    spec = build_job("j", options, completions=1, secret_name="s")["spec"]
+    assert spec["podReplacementPolicy"] == "Failed"
+    assert spec["template"]["spec"]["restartPolicy"] == "Never"
+    assert spec["podFailurePolicy"] == {"rules": [
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        {"action": "Count", "onExitCodes": {"containerName": "worker", "operator": "In", "values": [69]}},
+        {"action": "FailJob", "onExitCodes": {"containerName": "worker", "operator": "In", "values": [3]}},
+    ]}
+    assert [r["action"] for r in queue_failure_policy()["rules"]] == ["Ignore", "Count"]
+
+
+@pytest.mark.parametrize("code", [0, 69, 75, 78, 127, 137, -1, True, "3"])
+def test_a_poison_exit_code_must_be_the_workers_own(code):
+    with pytest.raises(ConfigurationError, match="poison_exit_code"):
+        queue_failure_policy(poison_exit_code=code)
+
+
+def test_the_reserved_exit_codes_are_workqueue_consumes():
+    assert failure_policy.RESERVED_EXIT_CODES == (consume.EXIT_BROKER, consume.EXIT_REQUEUED, consume.EXIT_CONFIG,
+                                                  consume.EXIT_CANNOT_RUN)

@@ -112,3 +112,8 @@ def test_link_is_registered_in_provider_info():
     import workqueue_provider
 
     assert workqueue_provider.get_provider_info()["extra-links"] == ["workqueue_provider.links.RabbitMQQueueLink"]
+
+
+def test_a_cluster_connection_links_to_its_first_node():
+    cluster = Connection(conn_id="amqp_default", conn_type="amqp", host="rabbit-0,rabbit-1:5673,[fd00::2]", port=5672)
+    assert management_base_url(cluster) == "http://rabbit-0:15672"

@@ -39,3 +39,63 @@ def test_every_declared_class_imports():
     for operators in info["operators"]:
         for module in operators["python-modules"]:
             __import__(module)
+
+
+def test_provider_info_has_airflow_3_metadata_and_no_deprecated_keys():
+    info = workqueue_provider.get_provider_info()
+    assert "hook-class-names" not in info
+    [integration] = info["integrations"]
+    assert integration["integration-name"] == "Work queue" and integration["external-doc-url"].startswith("https://")
+    assert integration["tags"]
+    names = {integration["integration-name"]}
+    for key in ("hooks", "operators", "sensors", "triggers"):
+        assert {entry["integration-name"] for entry in info[key]} <= names, key
+    assert info["hooks"][0]["python-modules"] == ["workqueue_provider.hooks.amqp"]
+    assert "workqueue_provider.triggers.amqp_message" in info["triggers"][0]["python-modules"]
+    assert info["queues"] == ["workqueue_provider.messaging.AmqpMessageQueueProvider"]
+    [uris] = info["asset-uris"]
+    assert uris["schemes"] == ["amqp", "amqps"]
+
+
+def test_every_declared_queue_provider_trigger_and_asset_function_imports():
+    from airflow.providers.common.messaging.providers.base_provider import BaseMessageQueueProvider
+    from airflow.triggers.base import BaseEventTrigger
+
+    def import_string(path):
+        module, _, name = path.rpartition(".")
+        return getattr(__import__(module, fromlist=[name]), name)
+
+    info = workqueue_provider.get_provider_info()
+    for path in info["queues"]:
+        provider = import_string(path)()
+        assert isinstance(provider, BaseMessageQueueProvider)
+        assert issubclass(provider.trigger_class(), BaseEventTrigger)
+    for uris in info["asset-uris"]:
+        for key in ("handler", "factory", "to_openlineage_converter"):
+            assert callable(import_string(uris[key]))
+    for triggers in info["triggers"]:
+        for module in triggers["python-modules"]:
+            __import__(module)
+    for hooks in info["hooks"]:
+        for module in hooks["python-modules"]:
+            __import__(module)
+
+
+def test_airflow_discovers_the_amqp_queue_provider_and_asset_scheme():
+    from airflow.providers_manager import ProvidersManager
+
+    manager = ProvidersManager()
+    manager.initialize_providers_queues()
+    assert "workqueue_provider.messaging.AmqpMessageQueueProvider" in manager.queue_class_names
+    manager.initialize_providers_asset_uri_resources()
+    assert {"amqp", "amqps"} <= set(manager.asset_uri_handlers)
+
+
+def test_the_provider_describes_itself_as_the_package_does():
+    import tomllib
+    from pathlib import Path
+
+    from workqueue_provider import DESCRIPTION, get_provider_info
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    assert get_provider_info()["description"] == DESCRIPTION == pyproject["project"]["description"]

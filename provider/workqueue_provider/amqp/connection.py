@@ -1,16 +1,16 @@
-"""Broker settings, connection parameters and pika error translation.
+"""Broker settings and connections.
 
 One place decides the timeouts that keep every call from hanging, how an ``amqp://`` or
-``amqps://`` URL is read, and how pika's exceptions become this package's errors.
+``amqps://`` URL is read, and which nodes of a cluster are tried (in order, the first that answers;
+see :mod:`~workqueue_provider.amqp.addresses`). pika's errors are translated in :mod:`~workqueue_provider.amqp.errors`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import socket
+import logging
 import ssl
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
@@ -18,12 +18,12 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 import pika
 import pika.exceptions
 
-from workqueue_provider.exceptions import (
-    BrokerAuthError,
-    BrokerError,
-    BrokerUnreachableError,
-    ConfigurationError,
-)
+from workqueue_provider.amqp.addresses import Address, format_hosts, parse_hosts, split_url_authority, url_authority
+from workqueue_provider.amqp.errors import is_transient as is_transient  # re-exported: callers import it from here
+from workqueue_provider.amqp.errors import short, translate_connect_error
+from workqueue_provider.exceptions import ConfigurationError
+
+log = logging.getLogger(__name__)
 
 AMQP_PORT = 5672
 AMQPS_PORT = 5671
@@ -41,7 +41,10 @@ _OTHER_EXTRAS = ("management_url",)  # the RabbitMQ management UI, for the UI's 
 
 @dataclass(frozen=True)
 class BrokerSettings:
-    """Where and how to reach the broker. Defaults bound every wait, so no call hangs forever."""
+    """Where and how to reach the broker. Defaults bound every wait, so no call hangs forever.
+
+    ``host`` is one host or the nodes of a cluster, comma-separated (``h1,h2:5673,h3``); ``port`` is
+    the port of every entry that names none."""
 
     host: str = "localhost"
     port: int | None = None
@@ -63,10 +66,9 @@ class BrokerSettings:
     outage_window: float = DEFAULT_OUTAGE_WINDOW  # seconds the Airflow side rides out a broker outage
 
     def __post_init__(self) -> None:
-        if not self.host:
-            raise ConfigurationError("The broker connection has no host: set the connection's Host.")
         if self.port is not None and not 0 < self.port < 65536:
             raise ConfigurationError(f"Broker port {self.port} is out of range: use 1-65535 (AMQP is 5672).")
+        self.addresses  # noqa: B018 - a malformed host list fails here, before anything connects
         for name in ("heartbeat", "connection_attempts", "blocked_connection_timeout", "socket_timeout",
                      "stack_timeout"):
             if getattr(self, name) <= 0 and not (name == "heartbeat" and self.heartbeat == 0):
@@ -77,12 +79,18 @@ class BrokerSettings:
 
     @property
     def effective_port(self) -> int:
+        """The port of the addresses that name none."""
         return self.port or (AMQPS_PORT if self.tls else AMQP_PORT)
 
     @property
+    def addresses(self) -> tuple[Address, ...]:
+        """Every node to try, in order."""
+        return parse_hosts(self.host, self.effective_port)
+
+    @property
     def address(self) -> str:
-        """``host:port`` as shown in messages."""
-        return f"{self.host}:{self.effective_port}"
+        """``host:port`` (``h1:5672,h2:5672`` for several) as shown in messages."""
+        return format_hosts(self.addresses)
 
     def describe(self) -> str:
         """A password-free description for logs and errors."""
@@ -94,14 +102,14 @@ class BrokerSettings:
         return dataclasses.replace(self, **_parse_options(options))
 
     def url(self, *, host: str | None = None, port: int | None = None) -> str:
-        """The full URL **with the password**, for a Kubernetes Secret only. Never log it."""
+        """The full URL **with the password**, for a Kubernetes Secret only. Never log it.
+
+        Every address goes in (``amqp://u:p@h1:5672,h2:5672/%2F``, read back by :meth:`from_url`).
+        ``host`` (one host or a list) replaces them; ``port`` is the port of each address that names none."""
         scheme = "amqps" if self.tls else "amqp"
-        creds = f"{quote(self.login, safe='')}:{quote(self.password, safe='')}"
-        host = host or self.host
-        if ":" in host and not host.startswith("["):  # an IPv6 address
-            host = f"[{host}]"
-        port = port or self.effective_port
-        return f"{scheme}://{creds}@{host}:{port}/{quote(self.vhost, safe='')}{self._tls_query()}"
+        addresses = parse_hosts(host or self.host, port or self.effective_port)
+        authority = url_authority(self.login, self.password, addresses)
+        return f"{scheme}://{authority}/{quote(self.vhost, safe='')}{self._tls_query()}"
 
     def _tls_query(self) -> str:
         """The TLS options a reader of :meth:`url` needs to verify the broker as this side does."""
@@ -114,30 +122,48 @@ class BrokerSettings:
 
     @classmethod
     def from_url(cls, url: str, **overrides: Any) -> BrokerSettings:
-        """Read ``amqp://user:pass@host:port/vhost?heartbeat=30`` (or ``amqps://``)."""
+        """Read ``amqp://user:pass@host:port/vhost?heartbeat=30`` (or ``amqps://``); several nodes as
+        ``amqp://user:pass@h1:5672,h2:5672,h3:5672/vhost``."""
+        expected = "Expected amqp://user:password@host:5672/vhost (several nodes: host1:5672,host2:5672)"
+        parts = urlsplit(url)
+        user, password, hosts = split_url_authority(parts.netloc)
+        if parts.scheme not in ("amqp", "amqps") or not hosts:
+            raise ConfigurationError(f"Malformed broker URL: {expected} or amqps://... "
+                                     f"(got scheme {parts.scheme!r}, host {hosts!r}).")
+        tls = parts.scheme == "amqps"
         try:
-            parts = urlsplit(url)
-            port = parts.port
-        except ValueError as e:
-            raise ConfigurationError(f"Malformed broker URL: {e}. Expected amqp://user:password@host:5672/vhost.") from None
-        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
-            raise ConfigurationError(
-                "Malformed broker URL: expected amqp://user:password@host:5672/vhost or amqps://... "
-                f"(got scheme {parts.scheme!r}, host {parts.hostname!r})."
-            )
+            addresses = parse_hosts(hosts, AMQPS_PORT if tls else AMQP_PORT)
+        except ConfigurationError as e:
+            raise ConfigurationError(f"Malformed broker URL: {e} {expected}.") from None
+        single = len(addresses) == 1  # one host: its port in `port`, as before
         path = parts.path[1:] if parts.path.startswith("/") else parts.path
         settings = cls(
-            host=parts.hostname,
-            port=port,
-            login=unquote(parts.username) if parts.username else "guest",
-            password=unquote(parts.password) if parts.password else "guest",
+            host=addresses[0].host if single else format_hosts(addresses),
+            port=addresses[0].port if single else None,
+            login=unquote(user) if user else "guest",
+            password=unquote(password) if password else "guest",
             vhost=unquote(path) or "/",
-            tls=parts.scheme == "amqps",
+            tls=tls,
         )
         settings = settings.with_options(dict(parse_qsl(parts.query)))
         return dataclasses.replace(settings, **overrides) if overrides else settings
 
-    def pika_parameters(self) -> pika.ConnectionParameters:
+    def for_address(self, address: Address) -> BrokerSettings:
+        """These settings with one node only (for a client that takes one, e.g. a SelectConnection)."""
+        return dataclasses.replace(self, host=address.host, port=address.port)
+
+    def connection_parameters(self) -> list[pika.ConnectionParameters]:
+        """One pika parameter set per node, in order: pika's BlockingConnection tries each in turn,
+        ``connection_attempts`` rounds with ``retry_delay`` between rounds."""
+        return [self.pika_parameters(address) for address in self.addresses]
+
+    def pika_parameters(self, address: Address | None = None) -> pika.ConnectionParameters:
+        """pika's parameters for ``address`` (by default the first node; with several, that client
+        fails over to no other node, and says so in the log: prefer :meth:`connection_parameters`)."""
+        if address is None:
+            address = self.addresses[0]
+            if len(self.addresses) > 1:
+                log.warning("This client connects to one node only: %s of %s (no failover).", address, self.address)
         ssl_options = None
         if self.tls:
             try:
@@ -146,16 +172,16 @@ class BrokerSettings:
                     context.load_cert_chain(self.cert_file, self.key_file)
             except (OSError, ssl.SSLError) as e:
                 raise ConfigurationError(
-                    f"TLS files for the broker can't be used ({_short(e)}): check ca_certs "
+                    f"TLS files for the broker can't be used ({short(e)}): check ca_certs "
                     f"({self.ca_file!r}), certfile ({self.cert_file!r}) and keyfile ({self.key_file!r})."
                 ) from None
             if not self.verify:
                 context.check_hostname = False
                 context.verify_mode = ssl.CERT_NONE
-            ssl_options = pika.SSLOptions(context, self.server_hostname or self.host)
+            ssl_options = pika.SSLOptions(context, self.server_hostname or address.host)
         return pika.ConnectionParameters(
-            host=self.host,
-            port=self.effective_port,
+            host=address.host,
+            port=address.port,
             virtual_host=self.vhost,
             credentials=pika.PlainCredentials(self.login, self.password),
             ssl_options=ssl_options,
@@ -188,10 +214,8 @@ def _parse_options(options: Mapping[str, Any]) -> dict[str, Any]:
             elif key in _OTHER_EXTRAS:
                 continue
             else:
-                raise ConfigurationError(
-                    f"Unknown broker option {key!r}. Known options: "
-                    f"{', '.join(sorted({*_FLOAT_OPTIONS, *_INT_OPTIONS, *_TLS_FILE_OPTIONS, 'verify', 'ssl', 'server_hostname', 'vhost'}))}."
-                )
+                known = {*_FLOAT_OPTIONS, *_INT_OPTIONS, *_TLS_FILE_OPTIONS, "verify", "ssl", "server_hostname", "vhost"}
+                raise ConfigurationError(f"Unknown broker option {key!r}. Known options: {', '.join(sorted(known))}.")
         except (TypeError, ValueError) as e:
             if isinstance(e, ConfigurationError):
                 raise
@@ -199,101 +223,40 @@ def _parse_options(options: Mapping[str, Any]) -> dict[str, Any]:
     return parsed
 
 
-def translate_connect_error(settings: BrokerSettings, error: BaseException) -> BrokerError:
-    """Turn a pika/socket connection failure into an error that names host, port and the fix; the
-    original error is its ``__cause__`` (see :func:`is_transient`)."""
-    translated = _translate_connect_error(settings, error)
-    translated.__cause__ = error
-    return translated
+def server_properties(connection: Any) -> dict[str, str]:
+    """What the broker said of itself when the connection opened (``product``, ``version``, ``cluster_name``...),
+    as text. pika keeps them only on the connection under a BlockingConnection: the one place that reads it."""
+    impl = getattr(connection, "_impl", connection)
+    properties = getattr(impl, "server_properties", None) or {}
+    return {key: value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+            for key, value in properties.items() if isinstance(value, bytes | str | int)}
 
 
-def _translate_connect_error(settings: BrokerSettings, error: BaseException) -> BrokerError:
-    if isinstance(error, pika.exceptions.ProbableAuthenticationError):
-        return BrokerAuthError(
-            f"The broker at {settings.address} refused the credentials of user {settings.login!r}: "
-            "check the connection's login and password."
-        )
-    if isinstance(error, pika.exceptions.ProbableAccessDeniedError):
-        return BrokerAuthError(
-            f"The broker at {settings.address} refused vhost {settings.vhost!r} for user {settings.login!r}: "
-            "the vhost doesn't exist or the user has no permission on it "
-            "(rabbitmqctl add_vhost / set_permissions, or fix the connection's vhost)."
-        )
-    if isinstance(error, ssl.SSLError) or "SSL" in repr(error) or "CERTIFICATE" in repr(error).upper():
-        return BrokerUnreachableError(
-            f"TLS handshake with the broker at {settings.address} failed ({_short(error)}): "
-            "check the CA file, the server name and that the port speaks TLS."
-        )
-    if isinstance(error, socket.gaierror):
-        return BrokerUnreachableError(
-            f"Broker host {settings.host!r} could not be resolved ({error.strerror}): check the connection's host."
-        )
-    return BrokerUnreachableError(
-        f"The broker at {settings.address} did not answer ({_short(error)}) after "
-        f"{settings.connection_attempts} attempt(s): check that RabbitMQ runs there and the host and port are right."
-    )
-
-
-# Errors that won't go away by waiting: wrong credentials or vhost, an unknown host name, TLS failures.
-_PERMANENT = (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError,
-              socket.gaierror, ssl.SSLError, BrokerAuthError, ConfigurationError)
-# Errors of a broker that is down, restarting or unreachable, or of a connection it dropped.
-_OUTAGE = (pika.exceptions.AMQPConnectionError, pika.exceptions.ConnectionWrongStateError,
-           pika.exceptions.ChannelWrongStateError, ConnectionError, TimeoutError)
-
-
-def is_transient(error: BaseException) -> bool:
-    """Whether ``error`` (or what caused it) is a broker outage worth waiting out: no answer, a refused
-    or dropped connection, a broker shutting down. Not a refusal of credentials, an unknown host, a
-    TLS failure, a missing queue or bad input: those fail at once."""
-    chain = _causes(error)
-    if any(isinstance(e, _PERMANENT) or "TLS handshake" in str(e) for e in chain):
-        return False
-    return any(isinstance(e, _OUTAGE) for e in chain)
-
-
-def _causes(error: BaseException) -> list[BaseException]:
-    chain: list[BaseException] = []
-    current: BaseException | None = error
-    while current is not None and current not in chain:
-        chain.append(current)
-        current = current.__cause__ or (current.args[0] if current.args and isinstance(current.args[0], BaseException)
-                                        else None)
-    return chain
+def connected_address(connection: Any) -> Address | None:
+    """The node a connection is open to (the first of its settings that answered); None if unknown."""
+    params = getattr(getattr(connection, "_impl", connection), "params", None)
+    return Address(params.host, params.port) if params is not None else None
 
 
 def broker_version(connection: Any) -> tuple[int, ...]:
     """The broker's version from the connection's server properties, e.g. (4, 0, 5); () if unknown."""
-    impl = getattr(connection, "_impl", connection)
-    version = (getattr(impl, "server_properties", None) or {}).get("version", b"")
-    text = version.decode() if isinstance(version, bytes) else str(version)
     numbers = []
-    for part in text.split("."):
+    for part in server_properties(connection).get("version", "").split("."):
         if not part.isdigit():
             break
         numbers.append(int(part))
     return tuple(numbers)
 
 
-def _short(error: BaseException) -> str:
-    text = f"{type(error).__name__}: {error}"
-    return text if len(text) < 200 else text[:197] + "..."
-
-
 def open_connection(settings: BrokerSettings) -> pika.BlockingConnection:
-    """Open a blocking connection, translating failures."""
+    """Open a blocking connection to the first node that answers (in the settings' order), translating
+    failures. Says in the log when that is not the first node."""
     try:
-        return pika.BlockingConnection(settings.pika_parameters())
+        connection = pika.BlockingConnection(settings.connection_parameters())
     except (pika.exceptions.AMQPError, OSError, ssl.SSLError) as e:
         raise translate_connect_error(settings, e) from e
-
-
-@contextlib.contextmanager
-def blocking_channel(settings: BrokerSettings) -> Iterator[pika.adapters.blocking_connection.BlockingChannel]:
-    """A channel on a fresh connection that is always closed afterwards."""
-    connection = open_connection(settings)
-    try:
-        yield connection.channel()
-    finally:
-        with contextlib.suppress(Exception):
-            connection.close()
+    node = connected_address(connection)
+    if node is not None and node != settings.addresses[0]:
+        log.warning("Connected to the broker node %s (%s did not answer).", node,
+                    format_hosts(settings.addresses[:settings.addresses.index(node)]))
+    return connection

@@ -11,6 +11,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
 from workqueue_provider.amqp.connection import broker_version
+from workqueue_provider.amqp.errors import home_node_down
 from workqueue_provider.exceptions import (
     BrokerError,
     ConfigurationError,
@@ -140,7 +141,8 @@ class QueueDepth:
 
 
 # "inequivalent arg 'x-queue-type' for queue 'q' in vhost '/': received 'quorum' but current is 'classic'"
-_INEQUIVALENT = re.compile(r"inequivalent arg '(?P<arg>[^']+)' for queue .*: received (?P<wanted>.+) but current is (?P<current>.+)$")
+_INEQUIVALENT = re.compile(
+    r"inequivalent arg '(?P<arg>[^']+)' for queue .*: received (?P<wanted>.+) but current is (?P<current>.+)$")
 _TYPED_VALUE = re.compile(r"the value '(?P<value>.*)' of type '(?P<type>[^']+)'")
 
 
@@ -207,6 +209,8 @@ def depth(connection: Any, name: str, *, vhost: str = "/") -> QueueDepth:
     try:
         ok = channel.queue_declare(name, passive=True)
     except pika.exceptions.ChannelClosedByBroker as e:
+        if home_node_down(e):  # transient (is_transient): ridden out like an outage
+            raise BrokerError(f"Queue {name!r} is on a broker node that is down or unreachable: {e.reply_text}") from e
         if e.reply_code == 404:
             raise QueueNotFoundError(
                 f"Queue {name!r} does not exist in vhost {vhost!r}: declare it first (DeclareQueueOperator)."

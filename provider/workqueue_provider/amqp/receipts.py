@@ -1,12 +1,14 @@
 """The item account: broker-side records that prove every item was processed, or say which were not.
 
-A queue ``Q`` filled by :class:`FillQueueOperator` has a ledger, the classic durable queue
-``Q.receipts`` (:func:`receipts_queue`), holding:
+A queue ``Q`` filled by :class:`FillQueueOperator` has a ledger, the quorum queue ``Q.receipts``
+(:func:`receipts_queue`; replicated, so a broker node lost or cut off keeps no receipt from the
+account), holding:
 
 - one *fill* record per fill: how many items were published (``x-workqueue-count``) and the fill id;
   a new fill of ``Q`` (or a retry of the same fill) resets the ledger first;
 - one *processed* record per item a worker finished: ``workqueue-consume`` publishes it, confirmed,
-  after the worker command exits 0 and *before* acking the item, carrying the item's message id.
+  after the worker command exits 0 and *before* acking the item, carrying the item's message id
+  (an in-process worker writes one record for a batch of items, their ids in its body);
   An item processed twice (a pod killed between the receipt and the ack) leaves two receipts: a
   duplicate, counted, never a loss.
 
@@ -21,7 +23,7 @@ tools, or the workers run plain ``amqp-consume``) there is no account: callers f
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -29,7 +31,9 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
-from workqueue_provider.amqp.queues import DEAD_LETTER_SUFFIX, FILL_HEADER, depth, fill_key
+from workqueue_provider.amqp.connection import broker_version
+from workqueue_provider.amqp.errors import home_node_down
+from workqueue_provider.amqp.queues import DEAD_LETTER_SUFFIX, FILL_HEADER, UNLIMITED_DELIVERIES, depth, fill_key
 from workqueue_provider.exceptions import BrokerError, QueueNotFoundError
 
 RECEIPTS_SUFFIX = ".receipts"
@@ -43,6 +47,7 @@ STARTED_RECORD = "filling"  # written before a fill publishes: COUNT_HEADER = it
 STOPPED_RECORD = "stopped"  # an attempt that failed: CONFIRMED_HEADER confirmed, COUNT_HEADER = the depth it left
 CONFIRMED_HEADER = "x-workqueue-confirmed"
 _PERSISTENT = pika.DeliveryMode.Persistent
+MAX_UNACKED = 65535  # basic.qos prefetch_count is 16 bits: the most one channel can hold while reading the ledger
 
 
 def receipts_queue(queue_name: str) -> str:
@@ -92,9 +97,22 @@ class Account:
 
 # -- the fill side ---------------------------------------------------------------------------------
 def declare_receipts(connection: Any, queue_name: str) -> None:
-    """Declare ``Q.receipts`` (classic, durable: receipts are read back, never consumed by workers)."""
+    """Declare ``Q.receipts``: a quorum queue (receipts are read back, never consumed by workers), with no
+    delivery limit on RabbitMQ 4 (each read hands every record back, counting as a delivery). A classic
+    ledger left by an earlier version is deleted and declared again: a new fill resets the ledger anyway."""
+    name = receipts_queue(queue_name)
+    arguments: dict[str, Any] = {"x-queue-type": "quorum"}
+    if broker_version(connection) >= (4,):
+        arguments["x-delivery-limit"] = UNLIMITED_DELIVERIES
     channel = connection.channel()
-    channel.queue_declare(receipts_queue(queue_name), durable=True, arguments={"x-queue-type": "classic"})
+    try:
+        channel.queue_declare(name, durable=True, arguments=arguments)
+    except pika.exceptions.ChannelClosedByBroker as e:
+        if e.reply_code != 406:
+            raise BrokerError(f"Declaring the receipts queue {name!r} failed: {e.reply_code} {e.reply_text}") from e
+        channel = connection.channel()
+        channel.queue_delete(name)
+        channel.queue_declare(name, durable=True, arguments=arguments)
     channel.close()
 
 
@@ -156,22 +174,19 @@ def last_fill(connection: Any, queue_name: str) -> FillTrace | None:
         records = list(_read_all(connection, receipts_queue(queue_name)))
     except QueueNotFoundError:
         return None
-    started = finished = stopped = None
-    for headers, _message_id in records:
-        kind = _text(headers.get(RECORD_HEADER))
-        if kind == STARTED_RECORD:
-            started, finished, stopped = headers, None, None
-        elif kind == FILL_RECORD:
-            finished = headers
-        elif kind == STOPPED_RECORD:
-            stopped = headers
+    # a fill starts by emptying the ledger, so it holds one start record; the rest is matched to it by fill
+    # key, never by order (a quorum queue hands records back from a read in no guaranteed order)
+    started = next((h for h, _ids in records if _text(h.get(RECORD_HEADER)) == STARTED_RECORD), None)
     if started is None:
         return None
+    mine = [h for h, _ids in records if _text(h.get(FILL_HEADER)) == _text(started.get(FILL_HEADER))]
+    finished = next((h for h in mine if _text(h.get(RECORD_HEADER)) == FILL_RECORD), None)
+    stopped = [h for h in mine if _text(h.get(RECORD_HEADER)) == STOPPED_RECORD]
     key, fill_id = _text(started.get(FILL_HEADER)), _text(started.get(FILL_NAME_HEADER)) or ""
-    processed = {message_id for headers, message_id in records
+    processed = {message_id for headers, ids in records for message_id in ids
                  if _text(headers.get(RECORD_HEADER)) == PROCESSED_RECORD and _text(headers.get(FILL_HEADER)) == key}
     return FillTrace(fill_id=fill_id, count=int(started.get(COUNT_HEADER) or 0), complete=finished is not None,
-                     depth_at_stop=None if stopped is None else int(stopped.get(COUNT_HEADER) or 0),
+                     depth_at_stop=int(stopped[-1].get(COUNT_HEADER) or 0) if stopped else None,
                      processed=len(processed))
 
 
@@ -225,6 +240,20 @@ def record_processed(channel: BlockingChannel, queue_name: str, properties: pika
         raise NoLedger(receipts_queue(queue_name)) from e
 
 
+def record_processed_batch(channel: Any, queue_name: str, items: Sequence[pika.BasicProperties]) -> None:
+    """Publish one receipt for several processed items of one fill: their message ids in the body, one a
+    line, and their number in ``COUNT_HEADER`` (an in-process worker finishes thousands a second; a
+    receipt each would cost more than the items). Confirm it like :func:`record_processed` before acking
+    any of them. The items must all carry the same fill key."""
+    keys = {_text((properties.headers or {}).get(FILL_HEADER)) for properties in items}
+    if len(keys) != 1:
+        raise ValueError(f"a batch receipt names items of one fill, not {len(keys)}")
+    body = "\n".join(str(properties.message_id) for properties in items).encode()
+    headers = {RECORD_HEADER: PROCESSED_RECORD, FILL_HEADER: keys.pop(), COUNT_HEADER: len(items)}
+    channel.basic_publish("", receipts_queue(queue_name), body,
+                          pika.BasicProperties(delivery_mode=_PERSISTENT, headers=headers), mandatory=True)
+
+
 # -- verification ----------------------------------------------------------------------------------
 def read_account(connection: Any, queue_name: str, dead_letter_queue: str | None = None) -> Account | None:
     """Add up the ledger of ``queue_name`` (read without consuming it), or None when there is none."""
@@ -233,7 +262,7 @@ def read_account(connection: Any, queue_name: str, dead_letter_queue: str | None
     receipts: dict[str | None, int] = {}  # per fill id: receipts
     seen: dict[str | None, set[str | None]] = {}  # per fill id: distinct message ids
     try:  # one pass, keeping only counts and ids: a ledger of 100,000 receipts stays small in memory
-        for headers, message_id in _read_all(connection, receipts_queue(queue_name)):
+        for headers, ids in _read_all(connection, receipts_queue(queue_name)):
             kind = _text(headers.get(RECORD_HEADER))
             if kind == FILL_RECORD:
                 fill = headers
@@ -241,8 +270,8 @@ def read_account(connection: Any, queue_name: str, dead_letter_queue: str | None
                 consumers += 1
             elif kind == PROCESSED_RECORD:
                 owner = _text(headers.get(FILL_HEADER))
-                receipts[owner] = receipts.get(owner, 0) + 1
-                seen.setdefault(owner, set()).add(message_id)
+                receipts[owner] = receipts.get(owner, 0) + len(ids)
+                seen.setdefault(owner, set()).update(ids)
     except QueueNotFoundError:
         return None
     if fill is None:
@@ -267,33 +296,50 @@ def _dead_letters(connection: Any, queue_name: str, dead_letter_queue: str | Non
         return 0
 
 
-def _read_all(connection: Any, name: str) -> Iterator[tuple[dict[str, Any], str | None]]:
-    """Every message of ``name`` as (headers, message id), left in the queue: read unacked (no prefetch
-    limit, or the broker would stop at it), then the channel closes and the broker puts them all back
-    in order (a classic queue has no delivery limit). Raises QueueNotFoundError on first use."""
+def _read_all(connection: Any, name: str) -> Iterator[tuple[dict[str, Any], list[str | None]]]:
+    """Every message of ``name`` as (headers, the item message ids it names), left in the queue: read unacked,
+    then the channels close and the broker puts them all back (the ledger has no delivery limit; see
+    :func:`declare_receipts`). A channel holds at most :data:`MAX_UNACKED` (and RabbitMQ 4 gives a quorum
+    queue's consumer with prefetch 0 only 2,000), so a long ledger is read on several channels, each
+    with an explicit prefetch. Raises QueueNotFoundError on first use."""
     channel: BlockingChannel = connection.channel()
     try:
         ok = channel.queue_declare(name, passive=True)
     except pika.exceptions.ChannelClosedByBroker as e:
-        if e.reply_code == 404:
+        if e.reply_code == 404 and not home_node_down(e):
             raise QueueNotFoundError(f"Queue {name!r} does not exist.") from e
         raise BrokerError(f"Reading queue {name!r} failed: {e.reply_code} {e.reply_text}") from e
     expected = ok.method.message_count
-    read = 0
+    opened, read = [channel], 0
     try:
-        if expected:
-            channel.basic_qos(prefetch_count=0)
-            for method, properties, _body in channel.consume(name, auto_ack=False, inactivity_timeout=10):
+        while read < expected:
+            quota = min(MAX_UNACKED, expected - read)
+            channel.basic_qos(prefetch_count=quota)
+            taken = 0
+            for method, properties, body in channel.consume(name, auto_ack=False, inactivity_timeout=10):
                 if method is None:
                     raise BrokerError(f"Reading the receipts in {name!r} stalled after {read} of {expected} "
                                       "(is another reader holding some?).")
-                read += 1
-                yield properties.headers or {}, properties.message_id
-                if read >= expected:
+                read, taken = read + 1, taken + 1
+                yield properties.headers or {}, _message_ids(properties, body)
+                if taken >= quota:
                     break
+            if read < expected:  # this channel's consumer is out of credit: the rest comes on another
+                channel = connection.channel()
+                opened.append(channel)
     finally:
-        with contextlib.suppress(Exception):
-            channel.close()  # unacked messages go back to the queue
+        for each in opened:
+            with contextlib.suppress(Exception):
+                each.close()  # unacked messages go back to the queue
+
+
+def _message_ids(properties: Any, body: bytes) -> list[str | None]:
+    """The items a record names: a batch receipt lists them in its body, one a line; any other record
+    names at most its own message id."""
+    headers = properties.headers or {}
+    if _text(headers.get(RECORD_HEADER)) == PROCESSED_RECORD and COUNT_HEADER in headers:
+        return [line.decode() for line in body.split(b"\n")] if body else []
+    return [properties.message_id]
 
 
 def _text(value: Any) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from functools import cached_property
@@ -13,14 +14,37 @@ from airflow.sdk import BaseHook
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from workqueue_provider.amqp import queues, receipts
-from workqueue_provider.amqp.connection import BrokerSettings, is_transient, open_connection
+from workqueue_provider.amqp.addresses import Address
+from workqueue_provider.amqp.connection import (
+    BrokerSettings,
+    connected_address,
+    is_transient,
+    open_connection,
+    server_properties,
+    translate_connect_error,
+)
 from workqueue_provider.amqp.publisher import DEFAULT_WINDOW, ProgressCallback, PublishResult, publish
 from workqueue_provider.amqp.queues import QueueDepth, QueueSpec
 from workqueue_provider.connection_form import EXTRA_FIELDS, UI_BEHAVIOUR
 from workqueue_provider.exceptions import BrokerUnreachableError, PublishError, WorkQueueError
+from workqueue_provider.hooks.broker_credentials import SecretRef, pop_secret_ref
 
 T = TypeVar("T")
 _SETTLE_READS, _SETTLE_SECONDS = 20, 0.25  # a failed fill's depth: read until two readings agree (<= 5 s)
+# pika logs every connection step at INFO, each node that didn't answer (before the next one did) and
+# each broker channel close at ERROR/WARNING, flooding task logs; the hook's own lines say what happened.
+_PIKA_LOG_LEVELS = {"pika": logging.WARNING, "pika.channel": logging.ERROR,
+                    **dict.fromkeys(("pika.adapters.utils.connection_workflow", "pika.adapters.utils.io_services_utils",
+                                     "pika.adapters.base_connection", "pika.adapters.blocking_connection"),
+                                    logging.CRITICAL)}
+
+
+def quiet_pika_logs() -> None:
+    """Quiet pika's loggers (those not configured otherwise) for the Airflow side; the worker CLI does its own."""
+    for name, level in _PIKA_LOG_LEVELS.items():
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(level)
 
 
 def amqp_connection(conn_id: str) -> Any:
@@ -34,6 +58,27 @@ def amqp_connection(conn_id: str) -> Any:
         raise connection_error(conn_id, kind="AMQP", example="amqp://user:password@rabbitmq-service:5672/%2F") from e
 
 
+def connection_settings(conn: Any) -> tuple[BrokerSettings, SecretRef | None]:
+    """An Airflow AMQP connection as broker settings (login and password as the connection has them)
+    and the Secret its extras name for the credentials, if any. The one place a connection is read.
+
+    Host is one host or a cluster's nodes, comma-separated (``rabbit-0,rabbit-1:5673,rabbit-2``; Port is
+    the port of those that name none); as a URI: ``amqp://user:password@rabbit-0,rabbit-1,rabbit-2:5672/%2F``."""
+    extras = {k.split("__")[-1]: v for k, v in conn.extra_dejson.items() if v not in (None, "")}
+    secret = pop_secret_ref(extras)
+    settings = BrokerSettings(
+        host=conn.host or "",
+        port=conn.port,
+        login=conn.login or "guest",
+        password=conn.password or "guest",
+        vhost=conn.schema or "/",
+        tls=conn.conn_type == "amqps",
+    ).with_options(extras)
+    if conn.conn_type == "amqps" and not settings.tls:  # the type wins over an unticked "Use TLS" in the form
+        settings = dataclasses.replace(settings, tls=True)
+    return settings, secret
+
+
 class AmqpHook(BaseHook):
     """Talks to RabbitMQ through pika. Nothing connects until a method is called; each call opens
     one connection and always closes it.
@@ -44,7 +89,10 @@ class AmqpHook(BaseHook):
     each retry, then fail naming the broker and how long it was unreachable. Wrong credentials, an
     unknown host, TLS failures, a missing queue and bad input fail at once.
 
-    :param amqp_conn_id: Airflow connection: host, port, login, password, schema = vhost, extras
+    Every call tries the connection's nodes in order (Host ``h1,h2,h3``) and uses the first that answers.
+
+    :param amqp_conn_id: Airflow connection: host (or several, comma-separated), port, login, password,
+        schema = vhost, extras
         for TLS (``ssl``, ``ca_certs``, ``certfile``, ``keyfile``, ``verify``, ``server_hostname``),
         timeouts (``heartbeat``, ``blocked_connection_timeout``, ``connection_attempts``,
         ``retry_delay``, ``socket_timeout``) and ``outage_window`` (seconds to ride out a broker
@@ -60,6 +108,7 @@ class AmqpHook(BaseHook):
         super().__init__(**kwargs)
         self.amqp_conn_id = amqp_conn_id
         self._riding_out = False
+        quiet_pika_logs()
 
     @classmethod
     def get_connection_form_widgets(cls) -> dict[str, Any]:
@@ -87,21 +136,8 @@ class AmqpHook(BaseHook):
         (see :mod:`~workqueue_provider.hooks.broker_credentials`)."""
         from workqueue_provider.hooks import broker_credentials
 
-        conn = amqp_connection(self.amqp_conn_id)
-        extras = {k.split("__")[-1]: v for k, v in conn.extra_dejson.items() if v not in (None, "")}
-        base = BrokerSettings(
-            host=conn.host or "",
-            port=conn.port,
-            login=conn.login or "guest",
-            password=conn.password or "guest",
-            vhost=conn.schema or "/",
-            tls=conn.conn_type == "amqps",
-        )
-        base, extras = broker_credentials.with_secret_credentials(base, extras)
-        settings = base.with_options(extras)
-        if conn.conn_type == "amqps" and not settings.tls:  # the type wins over an unticked "Use TLS" in the form
-            settings = dataclasses.replace(settings, tls=True)
-        return settings
+        settings, secret = connection_settings(amqp_connection(self.amqp_conn_id))
+        return broker_credentials.with_secret_credentials(settings, secret)
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[Any]:
@@ -117,11 +153,10 @@ class AmqpHook(BaseHook):
         """Read-only probe: connect, read the server's version, disconnect."""
         try:
             with self.connection() as connection:
-                props = connection._impl.server_properties
-                product = props.get("product", b"broker")
-                version = props.get("version", b"?")
-                decode = lambda v: v.decode() if isinstance(v, bytes) else str(v)  # noqa: E731
-                return True, f"Connected to {decode(product)} {decode(version)} at {self.settings.describe()}"
+                props = server_properties(connection)
+                node = f" (node {connected_address(connection)})" if len(self.settings.addresses) > 1 else ""
+                return True, (f"Connected to {props.get('product', 'broker')} {props.get('version', '?')} at "
+                              f"{self.settings.describe()}{node}")
         except WorkQueueError as e:
             return False, str(e)
 
@@ -193,10 +228,29 @@ class AmqpHook(BaseHook):
 
         Not retried on its own (publishing again after a lost connection would duplicate the messages
         already stored): :class:`~workqueue_provider.operators.queue.FillQueueOperator` rides out an
-        outage by retrying the whole fill, which is exact."""
-        return publish(self.settings, queues.validate_queue_name(queue_name), bodies, total=total, window=window,
-                       content_type=content_type, headers=headers, on_progress=on_progress,
-                       progress_every=progress_every, message_ids=message_ids)
+        outage by retrying the whole fill, which is exact. A node that doesn't let us connect (nothing
+        published yet) passes the fill to the next node of the connection."""
+        routing_key = queues.validate_queue_name(queue_name)
+
+        def through(node: Address) -> PublishResult:
+            return publish(self.settings.for_address(node), routing_key, bodies, total=total, window=window,
+                           content_type=content_type, headers=headers, on_progress=on_progress,
+                           progress_every=progress_every, message_ids=message_ids)
+
+        *others, last = self.settings.addresses
+        for node in others:
+            try:
+                return through(node)
+            except BrokerUnreachableError as e:  # the connection did not open (after it, failures are PublishError)
+                if not is_transient(e):
+                    raise
+                self.log.warning("Broker node %s did not answer (%s); publishing through the next node.", node, e)
+        try:
+            return through(last)
+        except BrokerUnreachableError as e:
+            if others and is_transient(e):  # name every node, not just the last
+                raise translate_connect_error(self.settings, e.__cause__ or e) from e
+            raise
 
     # -- the item account's ledger (amqp/receipts.py) ----------------------------------------------
     def start_ledger(self, queue_name: str, fill_id: str, count: int) -> int:

@@ -9,7 +9,7 @@ password never has to be copied anywhere. Extras:
 - ``credentials_namespace``: its namespace (default ``default``);
 - ``kubernetes_conn_id``: the Kubernetes connection to read it with (default ``kubernetes_default``).
 
-Kubernetes API errors are worded in :mod:`workqueue_provider.hooks.kube_errors`; none carries a password.
+The Secret is read through :class:`~workqueue_provider.hooks.kubernetes.KubernetesApi`; no error carries a password.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from workqueue_provider.amqp.connection import BrokerSettings
-from workqueue_provider.exceptions import BrokerError, ConfigurationError, CredentialsSecretNotFoundError
-from workqueue_provider.hooks.kube_errors import api_error, transport_error
+from workqueue_provider.exceptions import ConfigurationError, CredentialsSecretNotFoundError
+from workqueue_provider.kube.broker_manifests import PASSWORD_KEY, USERNAME_KEY
 
 if TYPE_CHECKING:
-    from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+    from workqueue_provider.hooks.kubernetes import KubernetesApi
 
 SECRET_EXTRA = "credentials_secret"
 NAMESPACE_EXTRA = "credentials_namespace"
@@ -34,8 +34,6 @@ KUBERNETES_CONN_EXTRA = "kubernetes_conn_id"
 EXTRAS = (SECRET_EXTRA, NAMESPACE_EXTRA, KUBERNETES_CONN_EXTRA)
 DEFAULT_NAMESPACE = "default"
 DEFAULT_KUBERNETES_CONN_ID = "kubernetes_default"
-USERNAME_KEY = "username"
-PASSWORD_KEY = "password"
 
 
 @dataclass(frozen=True)
@@ -63,23 +61,6 @@ def pop_secret_ref(extras: dict[str, Any]) -> SecretRef | None:
     )
 
 
-def kubernetes_hook(kubernetes_conn_id: str) -> KubernetesHook:
-    from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
-
-    return KubernetesHook(conn_id=kubernetes_conn_id)
-
-
-def core_v1(hook: KubernetesHook) -> Any:
-    """``hook.core_v1_client``, with a missing or unusable Kubernetes connection made clear."""
-    try:
-        return hook.core_v1_client
-    except Exception as e:  # AirflowNotFoundException, kubernetes ConfigException, bad kubeconfig...
-        raise ConfigurationError(
-            f"The Kubernetes connection {hook.conn_id!r} can't be used ({type(e).__name__}: {e}): "
-            "create it (conn type kubernetes, extra kube_config_path or in_cluster) or fix its kubeconfig."
-        ) from e
-
-
 def decode_credentials(secret_data: Mapping[str, str] | None, ref: SecretRef) -> tuple[str, str]:
     """``(username, password)`` from a Secret's base64 ``data``."""
     data = secret_data or {}
@@ -95,36 +76,28 @@ def decode_credentials(secret_data: Mapping[str, str] | None, ref: SecretRef) ->
         raise ConfigurationError(f"{ref.describe()} holds credentials that aren't base64-encoded UTF-8.") from None
 
 
-def read_credentials(ref: SecretRef, client: Any = None) -> tuple[str, str]:
-    """``(username, password)`` read from the Secret (``client``: a CoreV1Api; default from the
-    Kubernetes connection). A missing Secret raises :class:`CredentialsSecretNotFoundError`."""
-    from kubernetes.client.exceptions import ApiException
+def read_credentials(ref: SecretRef, api: KubernetesApi | None = None) -> tuple[str, str]:
+    """``(username, password)`` read from the Secret (through ``api``, default: the ref's Kubernetes
+    connection). A missing Secret raises :class:`CredentialsSecretNotFoundError`."""
+    from workqueue_provider.hooks.kubernetes import KubernetesApi
 
-    client = client or core_v1(kubernetes_hook(ref.kubernetes_conn_id))
-    try:
-        secret = client.read_namespaced_secret(ref.name, ref.namespace)
-    except ApiException as e:
-        if e.status == 404:
-            raise CredentialsSecretNotFoundError(
-                f"The AMQP connection's credentials_secret, {ref.describe()}, doesn't exist: the broker was "
-                "never started there. Start it with EnsureBrokerOperator (which generates the Secret), or create "
-                f"the Secret with keys {USERNAME_KEY!r} and {PASSWORD_KEY!r}."
-            ) from e
-        raise api_error(e, f"read {ref.describe()}", kubernetes_conn_id=ref.kubernetes_conn_id, default=BrokerError) from e
-    except Exception as e:
-        raise transport_error(e, ref.kubernetes_conn_id, default=BrokerError) from e
-    return decode_credentials(secret.data, ref)
+    api = api or KubernetesApi(ref.kubernetes_conn_id)
+    secret = api.get_secret(ref.name, ref.namespace)
+    if secret is None:
+        raise CredentialsSecretNotFoundError(
+            f"The AMQP connection's credentials_secret, {ref.describe()}, doesn't exist: the broker was "
+            "never started there. Start it with EnsureBrokerOperator (which generates the Secret), or create "
+            f"the Secret with keys {USERNAME_KEY!r} and {PASSWORD_KEY!r}."
+        )
+    return decode_credentials(secret.get("data"), ref)
 
 
-def with_secret_credentials(settings: BrokerSettings, extras: Mapping[str, Any]) -> tuple[BrokerSettings, dict[str, Any]]:
-    """For ``AmqpHook.settings``: the settings with the Secret's credentials when the extras name
-    one, and the extras without this module's keys."""
-    remaining = dict(extras)
-    ref = pop_secret_ref(remaining)
-    if ref is None:
-        return settings, remaining
-    login, password = read_credentials(ref)
+def with_secret_credentials(settings: BrokerSettings, secret: SecretRef | None) -> BrokerSettings:
+    """For ``AmqpHook.settings``: the settings with the Secret's credentials when the connection names one."""
+    if secret is None:
+        return settings
+    login, password = read_credentials(secret)
     from workqueue_provider.compat import mask_secret
 
     mask_secret(password)  # Airflow then masks it in task logs, errors and rendered fields
-    return dataclasses.replace(settings, login=login, password=password), remaining
+    return dataclasses.replace(settings, login=login, password=password)

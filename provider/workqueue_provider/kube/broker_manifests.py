@@ -1,50 +1,51 @@
-"""The seed's RabbitMQ Service and StatefulSet, plus the Secret holding the broker's credentials.
+"""The tutorial's RabbitMQ Service and StatefulSet, plus the Secret holding the broker's credentials.
 
 Mirrors ``rabbitmq-service.yaml`` and ``rabbitmq-statefulset.yaml`` of Kubernetes' "Coarse Parallel
 Processing Using a Work Queue" (labels, ``serviceName``, port 5672, an ``emptyDir`` data volume), with
 two changes: the container reads ``RABBITMQ_DEFAULT_USER`` / ``RABBITMQ_DEFAULT_PASS`` from a Secret
 (``secretKeyRef``; never guest/guest), and it has a readiness probe. Pure functions returning dicts
 the API server accepts; nothing here talks to a cluster.
+
+With ``replicas`` > 1 the StatefulSet is a RabbitMQ cluster: a headless Service gives each pod a
+stable name (``rabbitmq-0.rabbitmq-nodes.<ns>.svc.cluster.local``), a ConfigMap lists those nodes
+for peer discovery (``classic_config``), every node reads one Erlang cookie from a Secret, pods
+start in parallel (a clustered node waits for its peers on boot) and keep their data on a
+PersistentVolumeClaim (a node back with an empty data dir can't rejoin under its old name).
 """
 
 from __future__ import annotations
 
 import base64
-import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from workqueue_provider.amqp.connection import AMQP_PORT
 from workqueue_provider.exceptions import ConfigurationError
+from workqueue_provider.kube.names import MANAGED_BY, validate_name, validate_subdomain
 
-AMQP_PORT = 5672
 DEFAULT_IMAGE = "rabbitmq:3.13-management"
 DEFAULT_SECRET_NAME = "rabbitmq-credentials"
 DEFAULT_SERVICE_NAME = "rabbitmq-service"
 DEFAULT_STATEFULSET_NAME = "rabbitmq"
+DEFAULT_CLUSTER_DOMAIN = "cluster.local"
+DEFAULT_DATA_SIZE = "1Gi"  # a cluster's per-node volume (the tutorial's single node keeps its emptyDir)
+COOKIE_KEY = ".erlang.cookie"
+PARTITION_HANDLING = "autoheal"  # a node paused past net_ticktime comes back inconsistent; autoheal restarts it
+RABBITMQ_UID = 999  # the rabbitmq user of the official image
+#: The broker meets the "restricted" Pod Security Standard: it runs as the image's rabbitmq user (the
+#: image's entrypoint runs as it directly when not root), its data directory writable through fsGroup.
+RESTRICTED_POD: dict[str, Any] = {"runAsNonRoot": True, "runAsUser": RABBITMQ_UID, "runAsGroup": RABBITMQ_UID,
+                                  "fsGroup": RABBITMQ_UID, "seccompProfile": {"type": "RuntimeDefault"}}
+RESTRICTED_CONTAINER: dict[str, Any] = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+EPMD_PORT, DIST_PORT = 4369, 25672  # Erlang's port mapper and RabbitMQ's inter-node port (AMQP + 20000)
 USERNAME_KEY = "username"
 PASSWORD_KEY = "password"
-#: the seed's requests and limits
+#: the tutorial's requests and limits
 DEFAULT_RESOURCES: dict[str, dict[str, str]] = {"requests": {"memory": "16M"}, "limits": {"cpu": "250m", "memory": "512M"}}
-#: labels of the seed's pods (the Service selects them)
-SEED_POD_LABELS = {"app.kubernetes.io/name": "task-queue", "app.kubernetes.io/component": "rabbitmq"}
-MANAGED_BY = {"app.kubernetes.io/managed-by": "airflow-provider-workqueue"}
-
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-
-
-def validate_name(kind: str, name: str, *, max_length: int = 63, subdomain: bool = False) -> str:
-    """An RFC 1123 label (or subdomain for Secrets) of at most ``max_length`` characters."""
-    pattern = _DNS_SUBDOMAIN if subdomain else _DNS_LABEL
-    if not isinstance(name, str) or not name or len(name) > max_length or not pattern.match(name):
-        raise ConfigurationError(
-            f"{kind} name {name!r} is not a valid Kubernetes name: use at most {max_length} lowercase letters, "
-            "digits and '-', starting and ending with a letter or digit."
-        )
-    return name
-
+#: labels of the tutorial's pods (the Service selects them)
+TUTORIAL_POD_LABELS = {"app.kubernetes.io/name": "task-queue", "app.kubernetes.io/component": "rabbitmq"}
 
 @dataclass(frozen=True)
 class BrokerManifestSpec:
@@ -57,13 +58,22 @@ class BrokerManifestSpec:
     statefulset_name: str = DEFAULT_STATEFULSET_NAME
     resources: Mapping[str, Mapping[str, str]] = field(default_factory=lambda: DEFAULT_RESOURCES)
     labels: Mapping[str, str] = field(default_factory=dict)
+    replicas: int = 1
+    cluster_domain: str = DEFAULT_CLUSTER_DOMAIN
+    data_size: str = DEFAULT_DATA_SIZE
+    storage_class: str | None = None
 
     def __post_init__(self) -> None:
-        validate_name("Namespace", self.namespace)
-        validate_name("Secret", self.secret_name, max_length=253, subdomain=True)
-        validate_name("Service", self.service_name)
+        if isinstance(self.replicas, bool) or not isinstance(self.replicas, int) or self.replicas < 1 \
+                or (self.replicas > 1 and self.replicas % 2 == 0):
+            raise ConfigurationError(
+                f"replicas={self.replicas!r}: use 1 (one node) or an odd cluster size (3, 5, 7): quorum queues "
+                "need a majority, so an even size survives no more node losses than one node fewer.")
+        validate_name(self.namespace, "Namespace name")
+        validate_subdomain(self.secret_name, "Secret name")
+        validate_name(self.service_name, "Service name")
         # the pod is named <statefulset>-0 and the controller-revision-hash label adds ~11 characters
-        validate_name("StatefulSet", self.statefulset_name, max_length=52)
+        validate_name(self.statefulset_name, "StatefulSet name", max_length=52)
         if not isinstance(self.image, str) or not self.image.strip():
             raise ConfigurationError(f"The broker image {self.image!r} is empty: give an image such as {DEFAULT_IMAGE!r}.")
         if not isinstance(self.resources, Mapping) or set(self.resources) - {"requests", "limits"}:
@@ -74,12 +84,36 @@ class BrokerManifestSpec:
 
     @property
     def pod_name(self) -> str:
-        """The StatefulSet's only pod."""
+        """The StatefulSet's first (with one replica, only) pod."""
         return f"{self.statefulset_name}-0"
+
+    @property
+    def clustered(self) -> bool:
+        return self.replicas > 1
+
+    @property
+    def nodes_service_name(self) -> str:
+        """The headless Service naming each pod (a cluster only)."""
+        return f"{self.statefulset_name}-nodes"
+
+    @property
+    def cookie_secret_name(self) -> str:
+        return f"{self.statefulset_name}-erlang-cookie"
+
+    @property
+    def config_map_name(self) -> str:
+        return f"{self.statefulset_name}-cluster"
 
     def host(self) -> str:
         """The in-cluster DNS name of the Service."""
         return f"{self.service_name}.{self.namespace}.svc"
+
+    def node_hosts(self) -> list[str]:
+        """Each pod's stable DNS name, in order (the connection's Host list for a cluster)."""
+        if not self.clustered:
+            return [self.host()]
+        return [f"{self.statefulset_name}-{i}.{self.nodes_service_name}.{self.namespace}.svc.{self.cluster_domain}"
+                for i in range(self.replicas)]
 
 
 def generate_password() -> str:
@@ -103,7 +137,7 @@ def credentials_secret(spec: BrokerManifestSpec, username: str, password: str) -
 
 
 def rabbitmq_service(spec: BrokerManifestSpec) -> dict[str, Any]:
-    """The seed's ``rabbitmq-service``: port 5672 to the pods labelled task-queue / rabbitmq."""
+    """The tutorial's ``rabbitmq-service``: port 5672 to the pods labelled task-queue / rabbitmq."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -111,13 +145,13 @@ def rabbitmq_service(spec: BrokerManifestSpec) -> dict[str, Any]:
                      "labels": {"component": "rabbitmq", **MANAGED_BY, **spec.labels}},
         "spec": {
             "ports": [{"name": "amqp", "port": AMQP_PORT, "targetPort": AMQP_PORT, "protocol": "TCP"}],
-            "selector": dict(SEED_POD_LABELS),
+            "selector": dict(TUTORIAL_POD_LABELS),
         },
     }
 
 
 def rabbitmq_statefulset(spec: BrokerManifestSpec) -> dict[str, Any]:
-    """The seed's ``rabbitmq`` StatefulSet, credentials from the Secret, ready once the node runs."""
+    """The tutorial's ``rabbitmq`` StatefulSet, credentials from the Secret, ready once the node runs."""
     secret_env = [
         {"name": env_name, "valueFrom": {"secretKeyRef": {"name": spec.secret_name, "key": key}}}
         for env_name, key in (("RABBITMQ_DEFAULT_USER", USERNAME_KEY), ("RABBITMQ_DEFAULT_PASS", PASSWORD_KEY))
@@ -126,7 +160,7 @@ def rabbitmq_statefulset(spec: BrokerManifestSpec) -> dict[str, Any]:
         "name": "rabbitmq",
         "image": spec.image,
         "ports": [{"name": "amqp", "containerPort": AMQP_PORT, "protocol": "TCP"}],
-        "env": secret_env,
+        "env": secret_env + (_node_env(spec) if spec.clustered else []),
         "resources": {kind: dict(values) for kind, values in spec.resources.items()},
         # rabbitmq-diagnostics ships in the image; it asks the node itself (whatever port it listens on)
         "readinessProbe": {
@@ -137,24 +171,123 @@ def rabbitmq_statefulset(spec: BrokerManifestSpec) -> dict[str, Any]:
             "failureThreshold": 3,
         },
         "volumeMounts": [{"name": "rabbitmq-data", "mountPath": "/var/lib/rabbitmq"}],
+        "securityContext": dict(RESTRICTED_CONTAINER),
     }
-    return {
+    statefulset: dict[str, Any] = {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
         "metadata": {"name": spec.statefulset_name, "namespace": spec.namespace,
                      "labels": {"component": "rabbitmq", **MANAGED_BY, **spec.labels}},
         "spec": {
-            "replicas": 1,
+            "replicas": spec.replicas,
             "serviceName": spec.service_name,
-            "selector": {"matchLabels": dict(SEED_POD_LABELS)},
+            "selector": {"matchLabels": dict(TUTORIAL_POD_LABELS)},
             "template": {
-                "metadata": {"labels": {**SEED_POD_LABELS, **spec.labels}},
+                "metadata": {"labels": {**TUTORIAL_POD_LABELS, **spec.labels}},
                 "spec": {
+                    "securityContext": dict(RESTRICTED_POD),
                     "containers": [container],
                     "volumes": [{"name": "rabbitmq-data", "emptyDir": {}}],
                 },
             },
         },
+    }
+    if spec.clustered:
+        _make_cluster(spec, statefulset["spec"], container)
+    return statefulset
+
+
+def _node_env(spec: BrokerManifestSpec) -> list[dict[str, Any]]:
+    """Each node named after its pod's stable DNS name (long names), so the others can reach it."""
+    return [
+        {"name": "MY_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "RABBITMQ_USE_LONGNAME", "value": "true"},
+        {"name": "RABBITMQ_NODENAME", "value": f"rabbit@$(MY_POD_NAME).{spec.nodes_service_name}.{spec.namespace}"
+                                               f".svc.{spec.cluster_domain}"},
+    ]
+
+
+def _make_cluster(spec: BrokerManifestSpec, sts: dict[str, Any], container: dict[str, Any]) -> None:
+    """Turn the tutorial's one-node StatefulSet spec into a cluster's (see the module docstring)."""
+    sts["serviceName"] = spec.nodes_service_name
+    sts["podManagementPolicy"] = "Parallel"  # all nodes boot together: each waits for its peers
+    pod = sts["template"]["spec"]
+    pod["volumes"] = [
+        {"name": "erlang-cookie", "secret": {"secretName": spec.cookie_secret_name, "defaultMode": 0o400}},
+        {"name": "cluster-config", "configMap": {"name": spec.config_map_name}},
+    ]
+    # Erlang wants the cookie file owned by its user and readable by no one else: copied, not mounted
+    pod["initContainers"] = [{
+        "name": "erlang-cookie",
+        "image": spec.image,
+        "command": ["sh", "-c", f"cp /cookie/{COOKIE_KEY} /var/lib/rabbitmq/{COOKIE_KEY} && "
+                                f"chown {RABBITMQ_UID}:{RABBITMQ_UID} /var/lib/rabbitmq/{COOKIE_KEY} && "
+                                f"chmod 600 /var/lib/rabbitmq/{COOKIE_KEY}"],
+        "volumeMounts": [{"name": "erlang-cookie", "mountPath": "/cookie", "readOnly": True},
+                         {"name": "rabbitmq-data", "mountPath": "/var/lib/rabbitmq"}],
+        "securityContext": dict(RESTRICTED_CONTAINER),
+    }]
+    container["ports"] += [{"name": "epmd", "containerPort": EPMD_PORT, "protocol": "TCP"},
+                           {"name": "cluster", "containerPort": DIST_PORT, "protocol": "TCP"}]
+    container["volumeMounts"].append({"name": "cluster-config", "mountPath": "/etc/rabbitmq/conf.d/20-cluster.conf",
+                                      "subPath": "cluster.conf", "readOnly": True})
+    claim: dict[str, Any] = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": spec.data_size}}}
+    if spec.storage_class:
+        claim["storageClassName"] = spec.storage_class
+    sts["volumeClaimTemplates"] = [{"metadata": {"name": "rabbitmq-data"}, "spec": claim}]
+
+
+def generate_cookie() -> str:
+    """A random Erlang cookie (the cluster's shared secret: whoever has it controls every node)."""
+    return secrets.token_hex(24)
+
+
+def cookie_secret(spec: BrokerManifestSpec, cookie: str) -> dict[str, Any]:
+    """The Secret every node's Erlang cookie comes from. Never log it."""
+    if not cookie:
+        raise ConfigurationError("The cluster's Erlang cookie Secret needs a non-empty cookie.")
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": spec.cookie_secret_name, "namespace": spec.namespace,
+                     "labels": {"component": "rabbitmq", **MANAGED_BY, **spec.labels}},
+        "type": "Opaque",
+        "data": {COOKIE_KEY: base64.b64encode(cookie.encode()).decode()},
+    }
+
+
+def nodes_service(spec: BrokerManifestSpec) -> dict[str, Any]:
+    """The headless Service that gives each node a stable DNS name, ready or not (peers must find a
+    booting node)."""
+    ports = [("amqp", AMQP_PORT), ("epmd", EPMD_PORT), ("cluster", DIST_PORT)]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": spec.nodes_service_name, "namespace": spec.namespace,
+                     "labels": {"component": "rabbitmq", **MANAGED_BY, **spec.labels}},
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "ports": [{"name": name, "port": port, "targetPort": port, "protocol": "TCP"} for name, port in ports],
+            "selector": dict(TUTORIAL_POD_LABELS),
+        },
+    }
+
+
+def cluster_config_map(spec: BrokerManifestSpec) -> dict[str, Any]:
+    """rabbitmq.conf lines for a cluster: peers by classic_config, quorum queues spread over the nodes,
+    and the partition handling the node-loss tests run with (tests/reliability/broker_cluster.py)."""
+    nodes = [f"rabbit@{host}" for host in spec.node_hosts()]
+    lines = ["cluster_formation.peer_discovery_backend = classic_config",
+             *(f"cluster_formation.classic_config.nodes.{i} = {node}" for i, node in enumerate(nodes, start=1)),
+             f"cluster_partition_handling = {PARTITION_HANDLING}",
+             "queue_leader_locator = balanced"]
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": spec.config_map_name, "namespace": spec.namespace,
+                     "labels": {"component": "rabbitmq", **MANAGED_BY, **spec.labels}},
+        "data": {"cluster.conf": "\n".join(lines) + "\n"},
     }
 
 
@@ -183,8 +316,12 @@ def differences(existing: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[
         refs = {((e.get("valueFrom") or {}).get("secretKeyRef") or {}).get("name") for e in have[0].get("env") or []}
         if wanted_secret not in refs:
             diffs.append(f"credentials not read from Secret {wanted_secret!r} (env RABBITMQ_DEFAULT_USER/PASS)")
-    elif kind == "Secret":
-        missing = [key for key in (USERNAME_KEY, PASSWORD_KEY) if key not in (existing.get("data") or {})]
+    elif kind == "Secret":  # the keys only: their values are secret (and an existing cookie is the cluster's)
+        missing = [key for key in wanted.get("data") or {} if key not in (existing.get("data") or {})]
         if missing:
             diffs.append(f"no key(s) {', '.join(missing)}")
+    elif kind == "ConfigMap":
+        changed = [key for key, value in (wanted.get("data") or {}).items() if (existing.get("data") or {}).get(key) != value]
+        if changed:
+            diffs.append(f"other {', '.join(changed)}")
     return diffs

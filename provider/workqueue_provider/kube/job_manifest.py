@@ -1,4 +1,4 @@
-"""The seed's ``job.yaml`` as a function: one options object in, Job and Secret manifests out.
+"""The tutorial's ``job.yaml`` as a function: one options object in, Job and Secret manifests out.
 
 Everything here is validated before any API call, so bad input creates nothing.
 """
@@ -14,44 +14,15 @@ from typing import Any
 
 from workqueue_provider.amqp.queues import validate_queue_name
 from workqueue_provider.exceptions import ConfigurationError
+from workqueue_provider.kube.failure_policy import validate_replacement_policy
+from workqueue_provider.kube.names import MANAGED_BY, MAX_NAME, validate_name, validate_subdomain
 
-MANAGED_BY = "airflow-provider-workqueue"
 ANNOTATION_PREFIX = "workqueue.airflow.apache.org"
 SPEC_HASH_ANNOTATION = f"{ANNOTATION_PREFIX}/spec-hash"
 SECRET_KEY = "BROKER_URL"
 CONTAINER_NAME = "worker"
-MAX_NAME = 63
-_RFC1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 RESTART_POLICIES = ("OnFailure", "Never")
-
-
-def validate_subdomain(name: object, what: str) -> str:
-    """An RFC 1123 subdomain (dot-separated labels, at most 253 characters), as service account names are."""
-    if not isinstance(name, str) or not name or len(name) > 253 or \
-            not all(_RFC1123.match(label) for label in name.split(".")):
-        raise ConfigurationError(
-            f"The {what} {name!r} is not a valid RFC 1123 subdomain: use lowercase letters, digits, '-' and '.', "
-            "each dot-separated part starting and ending with a letter or digit, at most 253 characters."
-        )
-    return name
-
-
-def validate_name(name: object, what: str) -> str:
-    """An RFC 1123 label of at most 63 characters (Job names end up in pod labels)."""
-    if not isinstance(name, str) or not name:
-        raise ConfigurationError(f"The {what} is empty: give a lowercase RFC 1123 name such as 'job-wq-1'.")
-    if len(name) > MAX_NAME:
-        raise ConfigurationError(
-            f"The {what} {name[:20]!r}... is {len(name)} characters; Kubernetes allows at most {MAX_NAME} "
-            "(it is used as a label value): shorten it."
-        )
-    if not _RFC1123.match(name):
-        raise ConfigurationError(
-            f"The {what} {name!r} is not a valid RFC 1123 name: use lowercase letters, digits and '-', "
-            "starting and ending with a letter or digit."
-        )
-    return name
 
 
 MAX_PREFIX = MAX_NAME - 11  # room for "-" and a 10-character digest
@@ -114,6 +85,7 @@ class JobOptions:
     active_deadline_seconds: int | None = None
     ttl_seconds_after_finished: int | None = None
     pod_failure_policy: dict[str, Any] | None = None
+    pod_replacement_policy: str | None = "Failed"
     resources: dict[str, Any] | None = None
     node_selector: dict[str, str] | None = None
     tolerations: list[dict[str, Any]] | None = None
@@ -146,7 +118,9 @@ class JobOptions:
             if value is not None and not isinstance(value, list):
                 raise ConfigurationError(f"{name} must be a list, got {type(value).__name__}: {value!r:.60}.")
         if self.pod_failure_policy and self.restart_policy != "Never":
-            raise ConfigurationError("pod_failure_policy needs restart_policy='Never' (a Kubernetes rule).")
+            raise ConfigurationError(f"pod_failure_policy needs restart_policy='Never' (a Kubernetes rule), not "
+                                     f"{self.restart_policy!r}: pass restart_policy='Never' with it.")
+        validate_replacement_policy(self.pod_replacement_policy, with_failure_policy=bool(self.pod_failure_policy))
         if self.service_account_name is not None:
             validate_subdomain(self.service_account_name, "service account name")
         for key, value in self.labels.items():
@@ -173,19 +147,30 @@ def build_secret(name: str, namespace: str, broker_url: str) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/managed-by": MANAGED_BY}},
+        "metadata": {"name": name, "namespace": namespace, "labels": dict(MANAGED_BY)},
         "type": "Opaque",
         "stringData": {SECRET_KEY: broker_url},
     }
+
+
+#: The user the worker runs as (worker/Dockerfile creates it): numeric, so the kubelet can check runAsNonRoot.
+WORKER_UID = 10001
+#: The pods meet the "restricted" Pod Security Standard unless ``pod_template`` says otherwise (its values
+#: win, key by key): no root, no privilege escalation, no capabilities, the runtime's seccomp profile.
+RESTRICTED_POD_TEMPLATE: dict[str, Any] = {"spec": {
+    "securityContext": {"runAsNonRoot": True, "runAsUser": WORKER_UID, "runAsGroup": WORKER_UID,
+                        "seccompProfile": {"type": "RuntimeDefault"}},
+    "containers": [{"name": CONTAINER_NAME, "securityContext": {
+        "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}}],
+}}
 
 
 def owner_reference(job: dict[str, Any]) -> dict[str, Any]:
     return {"apiVersion": "batch/v1", "kind": "Job", "name": job["metadata"]["name"], "uid": job["metadata"]["uid"]}
 
 
-def build_job(name: str, options: JobOptions, *, completions: int | None, secret_name: str,
-              annotations: dict[str, str] | None = None) -> dict[str, Any]:
-    """The batch/v1 Job: the seed's job.yaml plus everything the options ask for."""
+def build_job(name: str, options: JobOptions, *, completions: int | None, secret_name: str) -> dict[str, Any]:
+    """The batch/v1 Job: the tutorial's job.yaml plus everything the options ask for."""
     env: list[dict[str, Any]] = [
         {"name": "BROKER_URL", "valueFrom": {"secretKeyRef": {"name": secret_name, "key": SECRET_KEY}}},
         {"name": "QUEUE", "value": options.queue_name},
@@ -199,7 +184,7 @@ def build_job(name: str, options: JobOptions, *, completions: int | None, secret
         container["args"] = options.args
     if options.resources:
         container["resources"] = options.resources
-    labels = {"app.kubernetes.io/managed-by": MANAGED_BY, **options.labels}
+    labels = {**MANAGED_BY, **options.labels}
     pod_spec: dict[str, Any] = {"restartPolicy": options.restart_policy, "containers": [container]}
     optional_pod = {
         "nodeSelector": options.node_selector,
@@ -218,6 +203,7 @@ def build_job(name: str, options: JobOptions, *, completions: int | None, secret
         "activeDeadlineSeconds": options.active_deadline_seconds,
         "ttlSecondsAfterFinished": options.ttl_seconds_after_finished,
         "podFailurePolicy": options.pod_failure_policy,
+        "podReplacementPolicy": options.pod_replacement_policy,
     }
     job_spec.update({k: v for k, v in optional_job.items() if v is not None})
     ours = {
@@ -227,13 +213,13 @@ def build_job(name: str, options: JobOptions, *, completions: int | None, secret
             "name": name,
             "namespace": options.namespace,
             "labels": labels,
-            "annotations": {**options.annotations, **(annotations or {}), SPEC_HASH_ANNOTATION: options.fingerprint()},
+            "annotations": {**options.annotations, SPEC_HASH_ANNOTATION: options.fingerprint()},
         },
         "spec": job_spec,
     }
     base = copy.deepcopy(options.job_template or {})
-    if options.pod_template:
-        base.setdefault("spec", {})["template"] = merge(base.get("spec", {}).get("template", {}), options.pod_template)
+    template = merge(RESTRICTED_POD_TEMPLATE, base.get("spec", {}).get("template", {}))
+    base.setdefault("spec", {})["template"] = merge(template, options.pod_template or {})
     return merge(base, ours)
 
 

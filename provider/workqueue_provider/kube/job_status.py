@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from typing import Any
 
 
@@ -45,6 +46,11 @@ class JobAssessment:
         data = asdict(self)
         data["phase"] = self.phase.value
         return data
+
+
+def parse_time(value: Any) -> datetime:
+    """A Kubernetes timestamp (``2026-12-01T03:04:05Z``, or a datetime the sync client already parsed)."""
+    return value if isinstance(value, datetime) else datetime.fromisoformat(str(value).replace("Z", "+00:00"))
 
 
 def condition(job: dict[str, Any], kind: str) -> dict[str, Any] | None:
@@ -102,8 +108,6 @@ def stuck_containers(pods: list[dict[str, Any]], *, now: float, grace_seconds: f
     transient ErrImagePull on a restart is not taken for stuck. Without ``first_seen`` such a container
     counts from now.
     """
-    from datetime import datetime
-
     lines = []
     waiting_now = set()
     for pod in pods:
@@ -111,7 +115,7 @@ def stuck_containers(pods: list[dict[str, Any]], *, now: float, grace_seconds: f
         created = metadata.get("creationTimestamp")
         if not created:
             continue
-        created_at = created if isinstance(created, datetime) else datetime.fromisoformat(str(created).replace("Z", "+00:00"))
+        created_at = parse_time(created)
         for container in (status.get("containerStatuses") or []) + (status.get("initContainerStatuses") or []):
             waiting = (container.get("state") or {}).get("waiting") or {}
             if waiting.get("reason") not in STUCK_REASONS:
@@ -130,3 +134,49 @@ def stuck_containers(pods: list[dict[str, Any]], *, now: float, grace_seconds: f
         for key in set(first_seen) - waiting_now:  # waiting ended: a later wait counts afresh
             del first_seen[key]
     return lines
+
+
+def waiting_pods(pods: list[dict[str, Any]], *, limit: int = 3) -> list[str]:
+    """One line per pod that isn't running yet or keeps restarting, saying why: an unschedulable pod
+    (the scheduler's message), a container waiting (ErrImagePull, CrashLoopBackOff, ...: the kubelet's
+    reason). For the progress line, long before any grace period ends."""
+    lines = []
+    for pod in pods:
+        metadata, status = pod.get("metadata") or {}, pod.get("status") or {}
+        if metadata.get("deletionTimestamp"):
+            continue
+        unscheduled = next((c for c in status.get("conditions") or []
+                            if c.get("type") == "PodScheduled" and c.get("status") == "False"), None)
+        if unscheduled:
+            lines.append(f"pod {metadata.get('name')} {unscheduled.get('reason') or 'Pending'}"
+                         f" ({(unscheduled.get('message') or '').strip()[:200]})")
+            continue
+        for container in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
+            waiting = (container.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") and waiting["reason"] not in ("ContainerCreating", "PodInitializing"):
+                lines.append(f"pod {metadata.get('name')} {waiting['reason']} (image {container.get('image')!r})")
+                break
+    return lines[:limit] + ([f"and {len(lines) - limit} more"] if len(lines) > limit else [])
+
+
+#: Event reasons with which the Job controller says it could not create a pod
+REFUSED_CREATE_REASON = "FailedCreate"
+
+
+def failed_create_selector(job_name: str, uid: str | None = None) -> str:
+    """Field selector for a Job's FailedCreate events (by uid too when known: a Job of the same name
+    deleted earlier has its own)."""
+    selector = f"involvedObject.kind=Job,involvedObject.name={job_name},reason={REFUSED_CREATE_REASON}"
+    return f"{selector},involvedObject.uid={uid}" if uid else selector
+
+
+def refused_creations(events: list[dict[str, Any]]) -> list[str]:
+    """The distinct messages of a Job's ``FailedCreate`` events, newest first: the API server's own
+    words (a PodSecurity violation, an exceeded quota, a missing ServiceAccount, a webhook's denial)."""
+    newest = sorted(events, key=lambda e: str(e.get("lastTimestamp") or e.get("eventTime") or ""), reverse=True)
+    messages: list[str] = []
+    for event in newest:
+        message = (event.get("message") or "").strip()
+        if event.get("reason") == REFUSED_CREATE_REASON and message and message not in messages:
+            messages.append(message[:500])
+    return messages

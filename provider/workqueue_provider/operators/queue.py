@@ -3,27 +3,25 @@
 from __future__ import annotations
 
 import ast
-import contextlib
 import json
 from collections.abc import Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-import pika.exceptions
 from airflow.sdk import BaseOperator, XComArg
 
 from workqueue_provider.amqp import receipts
-from workqueue_provider.amqp.publisher import DEFAULT_WINDOW, PublishResult
-from workqueue_provider.amqp.queues import DEAD_LETTER_SUFFIX, FILL_HEADER, QueueSpec, fill_key, validate_queue_name
+from workqueue_provider.amqp.publisher import DEFAULT_WINDOW
+from workqueue_provider.amqp.queues import DEAD_LETTER_SUFFIX, QueueSpec, validate_queue_name
 from workqueue_provider.exceptions import (
     ConfigurationError,
     ItemSourceError,
-    PublishError,
     QueueNotFoundError,
-    WorkQueueError,
 )
+from workqueue_provider.filling import QueueFill
 from workqueue_provider.hooks.amqp import AmqpHook
-from workqueue_provider.items import DEFAULT_MAX_MESSAGE_BYTES, ItemEncoder, Spool, iter_items, spool_items
+from workqueue_provider.items import DEFAULT_MAX_MESSAGE_BYTES, ItemEncoder, iter_items, spool_items
+from workqueue_provider.lineage import QueueWriterLineageMixin
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -35,8 +33,6 @@ class DeclareQueueOperator(BaseOperator):
     """Declare a durable work queue (quorum by default). Idempotent: declaring the same queue again
     changes nothing; an existing queue with other arguments fails with every difference named.
 
-    :param queue_name: queue to declare (at most 255 bytes). Templated.
-    :param queue_type: ``quorum`` (default: replicated, delivery limits for poison items) or ``classic``.
     Nothing is dropped silently: whenever the broker could remove an item no worker processed (a
     ``delivery_limit``, a ``message_ttl_ms``, or the same ``x-`` arguments), items go to a
     dead-letter queue, ``<queue_name>.dead`` unless ``dead_letter_queue`` names another; a
@@ -120,7 +116,7 @@ class DeclareQueueOperator(BaseOperator):
         return {"queue": declared.name, "messages": declared.messages, "consumers": declared.consumers}
 
 
-class FillQueueOperator(BaseOperator):
+class FillQueueOperator(QueueWriterLineageMixin, BaseOperator):
     """Publish one persistent, confirmed message per item into an existing queue.
 
     Items come from exactly one of ``items`` (a list, an upstream task's output, or a callable
@@ -220,92 +216,9 @@ class FillQueueOperator(BaseOperator):
                     "There are no items to publish: give a non-empty items/items_file, or set allow_empty=True."
                 )
             self.log.info("Encoded %d items (%d bytes) for queue %r.", spool.count, spool.total_bytes, self.queue_name)
-            return self._fill(spool, encoder, _fill_id(context))
-
-    def _fill(self, spool: Spool, encoder: ItemEncoder, fill_id: str) -> int:
-        """Make room, start the ledger, publish, record the fill. A broker outage (a lost connection,
-        no answer) retries all of it within the connection's outage window: exact, as a retry is."""
-        return self.hook.ride_out(f"filling queue {self.queue_name!r}",
-                                  lambda: self._fill_once(spool, encoder, fill_id))
-
-    def _fill_once(self, spool: Spool, encoder: ItemEncoder, fill_id: str) -> int:
-        done = self._already_filled(fill_id)
-        if done is not None:
-            return done
-        self._make_room(fill_id)
-        self.hook.start_ledger(self.queue_name, fill_id, spool.count)
-        result = PublishResult(0, 0.0)
-        if spool.count:
-            try:
-                result = self.hook.publish(
-                    self.queue_name, spool.bodies(), total=spool.count, window=self.window,
-                    content_type=encoder.content_type, headers={FILL_HEADER: fill_key(fill_id)},
-                    message_ids=receipts.message_id_for,
-                    on_progress=lambda done, secs: self.log.info(
-                        "Published %d/%d items to %r (%.0f items/s).", done, spool.count, self.queue_name,
-                        done / secs if secs else 0.0),
-                    progress_every=self.progress_every,
-                )
-            except PublishError as e:
-                self._record_stopped(fill_id, e)
-                raise
-        self.hook.record_fill(self.queue_name, fill_id, result.confirmed)
-        self.log.info("Published and confirmed %d items to queue %r in %.2f s (%.0f items/s).",
-                      result.confirmed, self.queue_name, result.seconds, result.rate)
-        return result.confirmed
-
-    def _already_filled(self, fill_id: str) -> int | None:
-        """This fill (same DAG, task and run) already published every item: a cleared run, or a retry after
-        the fill record was written. Publishing again would process the finished items twice, so the queue
-        is left as it is (holding what is still to do) and the count is returned; None otherwise."""
-        trace = self.hook.last_fill(self.queue_name)
-        if trace is None or trace.fill_id != fill_id or not trace.complete:
-            return None
-        left = self.hook.queue_depth(self.queue_name).messages
-        self.log.warning("This fill already published its %d items to %r in an earlier try of this run (%d processed "
-                         "since, %d waiting in the queue): not publishing them again, so the next tasks finish what is "
-                         "left. To process every item again, trigger a new run.", trace.count, self.queue_name,
-                         trace.processed, left)
-        return trace.count
-
-    def _record_stopped(self, fill_id: str, error: PublishError) -> None:
-        """Tell the next attempt how deep this one left the queue (best effort: with the broker gone
-        the ledger keeps only the start record, and the next attempt goes by the item count)."""
-        with contextlib.suppress(WorkQueueError, pika.exceptions.AMQPError, OSError):
-            depth = self.hook.record_fill_stopped(self.queue_name, fill_id, error.confirmed)
-            self.log.warning("This attempt stopped with %d of %d items confirmed, leaving %d messages in %r.",
-                             error.confirmed, error.total, depth, self.queue_name)
-
-    def _make_room(self, fill_id: str) -> None:
-        """Empty the queue of an earlier attempt's messages (retry), or refuse/purge foreign ones.
-
-        The queue is never peeked at (a peek counts as a delivery of someone else's message): the
-        ledger (``Q.receipts``) says which fill published last and how deep it left the queue; only a
-        queue exactly that deep is purged as this fill's own (see ``receipts.FillTrace.explains``)."""
-        depth = self.hook.queue_depth(self.queue_name).messages
-        if depth == 0:
-            return
-        trace = self.hook.last_fill(self.queue_name)
-        own = trace is not None and trace.fill_id == fill_id
-        if trace is not None and own and trace.explains(depth):
-            removed = self.hook.purge_queue(self.queue_name)
-            self.log.warning("Retry: purged the %d messages an earlier attempt of this fill left in %r (its ledger "
-                             "accounts for every one); publishing all items again.", removed, self.queue_name)
-        elif self.on_existing_messages == "purge":
-            removed = self.hook.purge_queue(self.queue_name)
-            self.log.warning("Purged %d messages already in %r (on_existing_messages='purge').", removed,
-                             self.queue_name)
-        elif own:
-            raise ConfigurationError(
-                f"Queue {self.queue_name!r} holds {depth} messages, not the number an earlier attempt of this fill "
-                f"left there ({trace}): other producers published to it too, so it is not purged. Use a fresh "
-                "queue per run, or set on_existing_messages='purge' to drop them all."
-            )
-        else:
-            raise ConfigurationError(
-                f"Queue {self.queue_name!r} already holds {depth} messages that this fill did not publish: "
-                "use a fresh queue per run, or set on_existing_messages='purge' to drop them."
-            )
+            fill = QueueFill(self.hook, self.queue_name, self.log, on_existing_messages=self.on_existing_messages,
+                             window=self.window, progress_every=self.progress_every)
+            return fill.run(spool, encoder, _fill_id(context))
 
 
 class DeleteQueueOperator(BaseOperator):

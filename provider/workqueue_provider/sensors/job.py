@@ -2,29 +2,27 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
-from datetime import timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 
-from workqueue_provider.completion import Verification, check_seconds, conclude, finish_from_event, stuck_error
-from workqueue_provider.exceptions import JobError
+from workqueue_provider.completion import NEVER_ENDING, check_seconds
 from workqueue_provider.hooks.amqp import AmqpHook
-from workqueue_provider.hooks.jobs import JobsHook
-from workqueue_provider.kube.job_manifest import validate_name
-from workqueue_provider.kube.job_status import assess
+from workqueue_provider.hooks.kubernetes import DEFAULT_CONN_ID
+from workqueue_provider.kube.job_wait import WaitStatus
+from workqueue_provider.kube.names import validate_name
+from workqueue_provider.lineage import QueueReaderLineageMixin
 from workqueue_provider.links import RabbitMQQueueLink
-from workqueue_provider.triggers.job import JobCompleteTrigger
+from workqueue_provider.verification import Verification
+from workqueue_provider.waiting import JobWait, WaitsForJob
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
 
-class JobCompleteSensor(BaseSensorOperator):
+class JobCompleteSensor(QueueReaderLineageMixin, WaitsForJob, BaseSensorOperator):
     """Succeeds when the Job is Complete *and* its queue is empty; fails on ``Failed``/``FailureTarget``
     with the reason, the failed pods' exit codes and their last log lines.
 
@@ -38,12 +36,15 @@ class JobCompleteSensor(BaseSensorOperator):
     :param dead_letter_queue: also report (and by default fail on) items dead-lettered there.
     :param fail_on_dead_letters: fail when the dead-letter queue holds items.
     :param delete_on_kill: delete the Job when the deferred task is killed.
+    :param delete_job_on_failure: delete the Job (with its pods and broker Secret) when the wait fails
+        with the Job still there and never finishing by itself: its pods can't start or can't be created,
+        or the wait timed out. A Failed Job is kept (its ``ttl_seconds_after_finished`` removes it).
     :param deferrable: wait in the triggerer (a watch); False pokes from the worker.
     :param kubernetes_conn_id: the cncf provider's Kubernetes connection.
     :param amqp_conn_id: the AMQP connection used for verification.
     :param image_pull_grace_seconds: fail (naming the image) once a pod has waited this long on an image
         that can't be pulled or a config that can't be created; checked on each poke, or by the trigger
-        while deferred. The sensor leaves the Job alone (it didn't create it). None: never.
+        while deferred. The Job is deleted only with ``delete_job_on_failure``. None: never.
     :return: summary dict (job_name, namespace, succeeded, failed, duration_seconds, items_left, dead_lettered).
     """
 
@@ -52,8 +53,9 @@ class JobCompleteSensor(BaseSensorOperator):
 
     def __init__(self, *, job_name: str, namespace: str = "default", queue_name: str | None = None,
                  dead_letter_queue: str | None = None, fail_on_dead_letters: bool = True,
-                 delete_on_kill: bool = True, deferrable: bool = True, image_pull_grace_seconds: float | None = 300.0,
-                 kubernetes_conn_id: str = KubernetesHook.default_conn_name,
+                 delete_on_kill: bool = True, delete_job_on_failure: bool = False, deferrable: bool = True,
+                 image_pull_grace_seconds: float | None = 300.0,
+                 kubernetes_conn_id: str = DEFAULT_CONN_ID,
                  amqp_conn_id: str = AmqpHook.default_conn_name, **kwargs: Any) -> None:
         kwargs.setdefault("timeout", 24 * 3600)
         super().__init__(**kwargs)
@@ -63,20 +65,22 @@ class JobCompleteSensor(BaseSensorOperator):
         self.dead_letter_queue = dead_letter_queue
         self.fail_on_dead_letters = fail_on_dead_letters
         self.delete_on_kill = delete_on_kill
+        self.delete_job_on_failure = delete_job_on_failure
         self.image_pull_grace_seconds = image_pull_grace_seconds
         self.deferrable = deferrable
         self.kubernetes_conn_id = kubernetes_conn_id
         self.amqp_conn_id = amqp_conn_id
-        self._last_progress: str | None = None
-        self._waiting_since: dict[str, float] = {}  # stuck-check state across pokes
 
     @cached_property
-    def jobs(self) -> JobsHook:
-        return JobsHook(self.kubernetes_conn_id)
+    def job_wait(self) -> JobWait:
+        """The poke's state across pokes (in ``mode="reschedule"`` each poke starts afresh, hence
+        ``list_pods_early``: pods are listed on every poke that finds some not ready)."""
+        return JobWait(self.kubernetes, self.job_name, self.namespace, grace_seconds=self.image_pull_grace_seconds,
+                       log=self.log, list_pods_early=True)
 
     @property
     def verification(self) -> Verification:
-        return Verification(self.amqp_conn_id, self.queue_name, self.dead_letter_queue, self.fail_on_dead_letters)
+        return Verification(self.amqp, self.queue_name, self.dead_letter_queue, self.fail_on_dead_letters)
 
     def execute(self, context: Context) -> Any:
         if self.image_pull_grace_seconds is not None:
@@ -88,35 +92,17 @@ class JobCompleteSensor(BaseSensorOperator):
         result = self.poke(context)
         if result:
             return result.xcom_value if isinstance(result, PokeReturnValue) else None
-        self.defer(
-            trigger=JobCompleteTrigger(job_name=self.job_name, namespace=self.namespace,
-                                       kubernetes_conn_id=self.kubernetes_conn_id,
-                                       deadline=time.time() + float(self.timeout), delete_on_kill=self.delete_on_kill,
-                                       queue_name=self.queue_name, amqp_conn_id=self.amqp_conn_id,
-                                       image_pull_grace_seconds=self.image_pull_grace_seconds),
-            method_name="execute_complete",
-            timeout=timedelta(seconds=float(self.timeout)),
-        )
+        self.defer_until_done(job_name=self.job_name, namespace=self.namespace, queue_name=self.queue_name)
 
     def poke(self, context: Context) -> PokeReturnValue | bool:
         validate_name(self.job_name, "job_name")
         validate_name(self.namespace, "namespace")
-        job = self.jobs.get_job(self.job_name, self.namespace, ride_out_outages=True)
-        if job is None:
-            raise JobError(f"Job {self.namespace}/{self.job_name} does not exist: was it deleted, or never created?")
-        verdict = assess(job)
-        if verdict.progress() != self._last_progress:
-            self._last_progress = verdict.progress()
-            self.log.info("Job %s/%s: %s", self.namespace, self.job_name, self._last_progress)
-        if not verdict.done:
-            if verdict.active > int((job.get("status") or {}).get("ready") or 0):
-                stuck = stuck_error(self.job_name, self.namespace, self.jobs, self.image_pull_grace_seconds,
-                                    self._waiting_since)
-                if stuck is not None:
-                    raise stuck
+        event = self.job_wait.step()
+        if event is None:
             return False
-        return PokeReturnValue(is_done=True, xcom_value=conclude(job, self.jobs, self.verification, self.log))
+        return PokeReturnValue(is_done=True, xcom_value=self.finish_wait(event, context))
 
-    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
-        return finish_from_event(event, self.jobs, self.verification, self.log)
+    def deletes_job_after(self) -> frozenset[WaitStatus]:
+        """The sensor didn't create the Job: it deletes it only with ``delete_job_on_failure``."""
+        return NEVER_ENDING if self.delete_job_on_failure else frozenset()
 

@@ -1,42 +1,30 @@
 """JobCompleteTrigger: waits for a Job by watching it, not by polling.
 
-It lists the Job once, then watches from that resourceVersion over one connection; a watch that
-ends (server timeout, dropped stream) is re-opened from the last resourceVersion seen, and a
-``410 Gone`` (too old) starts over with a fresh list. Each change goes through
-:func:`~workqueue_provider.kube.job_status.assess`, the same function the sensor's ``poke`` uses.
+The watch (list once, then one long-lived watch, re-opened as needed) is
+:meth:`AsyncKubernetesApi.watch_job <workqueue_provider.hooks.kubernetes_async.AsyncKubernetesApi.watch_job>`;
+each change goes through :class:`~workqueue_provider.kube.job_wait.JobProgress`, as in the sensor's poke
+and the in-worker wait. The single event the trigger fires is a
+:class:`~workqueue_provider.kube.job_wait.WaitEvent` as a dict.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-from airflow.providers.cncf.kubernetes.hooks.kubernetes import AsyncKubernetesHook
 from airflow.triggers.base import BaseTrigger, TriggerEvent
-from kubernetes_asyncio import client as async_client
-from kubernetes_asyncio import watch as async_watch
-from kubernetes_asyncio.client.exceptions import ApiException
 
-from workqueue_provider.kube.job_status import JobAssessment, assess, pods_of, stuck_containers
-
-WATCH_SECONDS = 290  # below the API server's default --min-request-timeout range, so reconnects are rare
-RECONNECT_DELAYS = (0.5, 1, 2, 5, 10)
-WATCH_CLIENT_GRACE = 10  # client-side timeout of a watch = its server-side timeout + this
-STUCK_CHECK_SECONDS = 15  # how often pods are checked for an image that can't be pulled, while some aren't ready
-
-
-def _airflow_3_3_plus() -> bool:
-    from airflow import __version__
-    from packaging.version import Version
-
-    return Version(__version__) >= Version("3.3.0")
+from workqueue_provider.exceptions import KubernetesAuthError, KubernetesError, WorkQueueError
+from workqueue_provider.hooks.kubernetes_async import AsyncKubernetesApi
+from workqueue_provider.kube.job_wait import JobProgress, WaitEvent, WaitStatus
 
 
 class JobCompleteTrigger(BaseTrigger):
-    """Fires once the Job is Complete, Failed (or FailureTarget), gone, or past ``deadline``.
+    """Fires once the Job is Complete, Failed (or FailureTarget), gone, stuck on an image, refused its
+    pods (a PodSecurity violation, an exceeded quota, a missing ServiceAccount...), or past ``deadline``.
 
     :param job_name: Job to wait for.
     :param namespace: its namespace.
@@ -66,11 +54,12 @@ class JobCompleteTrigger(BaseTrigger):
         self.queue_name = queue_name
         self.amqp_conn_id = amqp_conn_id
         self.image_pull_grace_seconds = image_pull_grace_seconds
+        self.progress = JobProgress(job_name, namespace, grace_seconds=image_pull_grace_seconds)
         self._fired = False
-        self._watch_decided = False
-        self._unready_since: float | None = None  # monotonic time since when some active pods aren't ready
-        self._progress: str | None = None
-        self._waiting_since: dict[str, float] = {}  # stuck-check state: container -> first seen waiting
+
+    @property
+    def api(self) -> AsyncKubernetesApi:
+        return AsyncKubernetesApi(self.kubernetes_conn_id, log=self.log)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -88,50 +77,82 @@ class JobCompleteTrigger(BaseTrigger):
             },
         )
 
-    def _hook(self) -> AsyncKubernetesHook:
-        return AsyncKubernetesHook(conn_id=self.kubernetes_conn_id)
-
-    def _event(self, status: str, assessment: JobAssessment | None = None, message: str | None = None,
-               **extra: Any) -> TriggerEvent:
-        return TriggerEvent({
-            "status": status,
-            "job_name": self.job_name,
-            "namespace": self.namespace,
-            "assessment": assessment.to_dict() if assessment else None,
-            "message": message,
-            **extra,
-        })
-
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        watch = asyncio.ensure_future(self._watch_verdict())
+        watch = asyncio.ensure_future(self._watch())
         pending: set[asyncio.Future[Any]] = {watch}
-        if self.image_pull_grace_seconds is not None:
-            pending.add(asyncio.ensure_future(self._watch_for_stuck_pods(self.image_pull_grace_seconds)))
+        pending.add(asyncio.ensure_future(self._side_checks()))
         if self.progress_every:
             pending.add(asyncio.ensure_future(self._heartbeat()))
         try:
             event = None
             while event is None:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                # a stuck check that gave up, or found the watch had decided, returns None: wait for the watch
+                # side checks that gave up return None: wait for the watch
                 event = watch.result() if watch in done else next(filter(None, (t.result() for t in done)), None)
         finally:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)  # let the API clients close
         self._fired = True
-        yield event
+        yield TriggerEvent(event.as_dict())
 
-    async def _watch_verdict(self) -> TriggerEvent:
-        """The watch's event; its generator is closed before this returns, so is its API client."""
-        events = self._watch()
+    async def _watch(self) -> WaitEvent:
+        """The wait's end as the watch sees it (its generator is closed before this returns)."""
+        name, namespace = self.job_name, self.namespace
+        events = self.api.watch_job(name, namespace, deadline=self.deadline)
         try:
-            async for event in events:
-                self._watch_decided = True  # from here on a stuck check defers to this event
-                return event
-            raise RuntimeError("the watch ended without an event")
+            async for change in events:
+                if change["type"] == "DELETED":
+                    return WaitEvent(WaitStatus.ERROR, name, namespace,
+                                     message=f"Job {namespace}/{name} was deleted while waiting.")
+                if self.progress.observe(change["object"]):
+                    self.log.info("Job %s/%s: %s", namespace, name, self.progress.last_line)
+                ending = self.progress.ending(change["object"])
+                if ending is not None:
+                    return ending
+        except KubernetesError as e:
+            return WaitEvent(WaitStatus.ERROR, name, namespace, message=str(e))
         finally:
             await events.aclose()
+        return WaitEvent(WaitStatus.TIMEOUT, name, namespace,
+                         message=f"Job {namespace}/{name} did not finish before the timeout.")
+
+    async def _side_checks(self) -> WaitEvent | None:
+        """Pods waiting on an image past the grace period (``stuck``), pod creations refused (``refused``);
+        each noticed in the log at once. Reads happen only while the Job looks unwell (see JobProgress),
+        and a check the API refuses (RBAC) is dropped: the watch alone decides then. None if none fires."""
+        checks: dict[str, tuple[Any, Any, Any]] = {"events": (self.progress.events_worth_listing, self.progress.look_at_events,
+                             lambda: self.api.job_events(self.job_name, self.namespace, self.progress.uid))}
+        if self.image_pull_grace_seconds is not None:
+            checks["pods"] = (self.progress.pods_worth_listing, self.progress.look_at_pods,
+                              lambda: self.api.job_pods(self.job_name, self.namespace))
+        try:
+            while checks:
+                await asyncio.sleep(1.0)
+                for what, (due, judge, read) in list(checks.items()):
+                    if not due():
+                        continue
+                    try:
+                        notice, ending = judge(await read())
+                    except KubernetesAuthError as e:
+                        self.log.warning("Not checking the %s of Job %s (deploy/rbac.yaml grants it): %s",
+                                         what, self.job_name, e)
+                        del checks[what]
+                        continue
+                    except (WorkQueueError, TimeoutError, OSError, aiohttp.ClientError):
+                        continue  # the watch reports outages
+                    if notice:
+                        self.log.warning("Job %s/%s: %s", self.namespace, self.job_name, notice)
+                    if ending is not None:
+                        self.log.error("Job %s/%s: %s %s", self.namespace, self.job_name, ending.message,
+                                       "; ".join(ending.reasons))
+                        return ending
+            return None
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a side check: never fail the wait over it
+            self.log.warning("The checks of the Job's pods and events failed; waiting on the Job alone.", exc_info=True)
+            return None
 
     async def _heartbeat(self) -> None:
         """Log progress every ``progress_every`` seconds (progress only: never fails the wait)."""
@@ -140,7 +161,8 @@ class JobCompleteTrigger(BaseTrigger):
             await asyncio.sleep(self.progress_every)
             try:
                 self.log.info("Job %s/%s still running after %.0f s: %s%s", self.namespace, self.job_name,
-                              time.monotonic() - started, self._progress or "not seen yet", await self._items_left())
+                              time.monotonic() - started, self.progress.last_line or "not seen yet",
+                              await self._items_left())
             except Exception as e:
                 self.log.debug("Progress line failed: %r", e)
 
@@ -148,140 +170,24 @@ class JobCompleteTrigger(BaseTrigger):
         """", 5,210 items left in queue 'q'", or "" when no queue was given or it can't be read."""
         if not (self.queue_name and self.amqp_conn_id):
             return ""
+        from asgiref.sync import sync_to_async
+
         from workqueue_provider.hooks.amqp import AmqpHook
 
         hook = AmqpHook(amqp_conn_id=self.amqp_conn_id)
-        try:
-            depth = await asyncio.to_thread(hook.queue_depth, self.queue_name)
+        try:  # sync_to_async, not asyncio.to_thread: Airflow 3.1's trigger runner can't read a connection from a thread
+            depth = await sync_to_async(hook.queue_depth)(self.queue_name)
         except Exception as e:  # progress only: never fail the wait over it
             self.log.debug("Could not read the depth of queue %r: %s", self.queue_name, e)
             return ""
         return f", {depth.messages:,} items left in queue {self.queue_name!r}"
 
-    async def _watch_for_stuck_pods(self, grace_seconds: float) -> TriggerEvent | None:
-        """The ``stuck`` event, once a pod has waited ``grace_seconds`` on an image that can't be pulled;
-        None if the check can't be done (the watch alone decides then)."""
-        try:
-            async with self._hook().get_conn() as api:
-                core = async_client.CoreV1Api(api)
-                while True:
-                    await asyncio.sleep(max(1.0, min(STUCK_CHECK_SECONDS, grace_seconds)))
-                    if self._unready_since is None or time.monotonic() - self._unready_since < grace_seconds:
-                        continue
-                    try:
-                        pods = await core.list_namespaced_pod(self.namespace, label_selector=pods_of(self.job_name))
-                    except ApiException as e:
-                        if e.status in (401, 403):
-                            self.log.warning("Can't list the pods of Job %s (%s %s): not checking them for images "
-                                             "that can't be pulled (deploy/rbac.yaml grants it).", self.job_name,
-                                             e.status, e.reason)
-                            return None
-                        continue  # the watch reports outages
-                    except (TimeoutError, OSError, aiohttp.ClientError):
-                        continue
-                    stuck = stuck_containers([api.sanitize_for_serialization(pod) for pod in pods.items],
-                                             now=time.time(), grace_seconds=grace_seconds,
-                                             first_seen=self._waiting_since)
-                    if stuck and not self._watch_decided:
-                        self.log.error("Job %s/%s can't start its pods: %s", self.namespace, self.job_name,
-                                       "; ".join(stuck))
-                        return self._event("stuck", message=f"Job {self.namespace}/{self.job_name} can't start its pods.",
-                                           grace_seconds=grace_seconds, stuck=stuck)
-        except Exception:  # a side check: never fail the wait over it
-            self.log.warning("The check for pods that can't start failed; waiting on the Job alone.", exc_info=True)
-            return None
-
-    def _track_readiness(self, status: dict[str, Any]) -> None:
-        """Pods are listed only once some active pods have stayed not ready for the grace period, so a
-        healthy Job costs no extra request."""
-        if int(status.get("active") or 0) > int(status.get("ready") or 0):
-            self._unready_since = self._unready_since or time.monotonic()
-        else:
-            self._unready_since = None
-
-    async def _watch(self) -> AsyncGenerator[TriggerEvent, None]:
-        last_progress = None
-        resource_version: str | None = None
-        failures = 0
-        rebuilt = False  # a 401 rebuilds the API client once: exec-credential tokens (EKS, GKE) expire
-        while True:
-            async with self._hook().get_conn() as api:
-                batch = async_client.BatchV1Api(api)
-                selector = f"metadata.name={self.job_name}"
-                while True:
-                    remaining = None if self.deadline is None else self.deadline - time.time()
-                    if remaining is not None and remaining <= 0:
-                        yield self._event("timeout", message=f"Job {self.namespace}/{self.job_name} did not finish before the timeout.")
-                        return
-                    try:
-                        if resource_version is None:
-                            listed = await batch.list_namespaced_job(self.namespace, field_selector=selector)
-                            if not listed.items:
-                                yield self._event("error", message=f"Job {self.namespace}/{self.job_name} does not exist (deleted?).")
-                                return
-                            resource_version = listed.metadata.resource_version
-                            events: list[dict[str, Any]] = [
-                                {"type": "LISTED", "raw_object": api.sanitize_for_serialization(listed.items[0])}
-                            ]
-                        else:
-                            events = []
-                        timeout = int(min(WATCH_SECONDS, remaining)) + 1 if remaining is not None else WATCH_SECONDS
-                        async with async_watch.Watch() as watch:
-                            stream = watch.stream(batch.list_namespaced_job, self.namespace, field_selector=selector,
-                                                  resource_version=resource_version, timeout_seconds=timeout,
-                                                  allow_watch_bookmarks=True,
-                                                  # the cncf hook's client otherwise cuts every request (this watch
-                                                  # too) at 60 s client-side: a reconnect a minute
-                                                  _request_timeout=timeout + WATCH_CLIENT_GRACE)
-                            async for event in _chain(events, stream):
-                                failures = 0
-                                rebuilt = False  # these credentials work: a later expiry may rebuild again
-                                job = event["raw_object"]
-                                resource_version = job.get("metadata", {}).get("resourceVersion") or resource_version
-                                if event["type"] == "BOOKMARK":
-                                    continue
-                                if event["type"] == "DELETED":
-                                    yield self._event("error", message=f"Job {self.namespace}/{self.job_name} was deleted while waiting.")
-                                    return
-                                self._track_readiness(job.get("status") or {})
-                                verdict = assess(job)
-                                if verdict.progress() != last_progress:
-                                    last_progress = self._progress = verdict.progress()
-                                    self.log.info("Job %s/%s: %s", self.namespace, self.job_name, last_progress)
-                                if verdict.done:  # the Job as seen: a short TTL may delete it before it's read again
-                                    yield self._event(verdict.phase.value, verdict, job=job)
-                                    return
-                    except ApiException as e:
-                        if e.status == 410:
-                            self.log.info("Watch of Job %s expired (410 Gone); listing it again.", self.job_name)
-                            resource_version = None
-                            continue
-                        if e.status == 401 and not rebuilt:
-                            self.log.warning("The Kubernetes API refused the credentials (401) while watching Job %s: "
-                                             "building a new client (fresh credentials) and watching again.",
-                                             self.job_name)
-                            rebuilt = True
-                            break
-                        if e.status in (401, 403, 404):
-                            yield self._event("error", message=f"Watching Job {self.namespace}/{self.job_name} failed: {e.status} {e.reason}")
-                            return
-                        failures += 1
-                        self.log.warning("Watch of Job %s failed (%s %s); reconnecting.", self.job_name, e.status, e.reason)
-                    except (TimeoutError, OSError, aiohttp.ClientError) as e:  # e.g. the API server restarted
-                        failures += 1
-                        self.log.warning("Watch of Job %s dropped (%r); reconnecting.", self.job_name, e)
-                    if failures:
-                        await asyncio.sleep(RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS)) - 1])
-
     async def _delete_job(self) -> None:
-        async with self._hook().get_conn() as api:
-            try:
-                await async_client.BatchV1Api(api).delete_namespaced_job(
-                    self.job_name, self.namespace, propagation_policy="Background")
+        try:
+            if await self.api.delete_job(self.job_name, self.namespace):
                 self.log.info("Deleted Job %s/%s and its pods (the task was killed).", self.namespace, self.job_name)
-            except ApiException as e:
-                if e.status != 404:
-                    self.log.error("Could not delete Job %s/%s: %s %s", self.namespace, self.job_name, e.status, e.reason)
+        except WorkQueueError as e:
+            self.log.error("Could not delete Job %s/%s: %s", self.namespace, self.job_name, e)
 
     async def on_kill(self) -> None:
         """Airflow >= 3.3 calls this when a user kills the deferred task (mark failed, clear...)."""
@@ -291,7 +197,9 @@ class JobCompleteTrigger(BaseTrigger):
     async def cleanup(self) -> None:
         """Before Airflow 3.3 only cleanup() runs on a kill, and also on a triggerer restart: delete the
         Job only once the task instance is no longer DEFERRED."""
-        if _airflow_3_3_plus() or not self.delete_on_kill or self._fired or self.task_instance is None:
+        from workqueue_provider.compat import airflow_3_3_plus
+
+        if airflow_3_3_plus() or not self.delete_on_kill or self._fired or self.task_instance is None:
             return
         try:
             state = await self._task_state()
@@ -311,10 +219,3 @@ class JobCompleteTrigger(BaseTrigger):
             dag_id=ti.dag_id, task_ids=[ti.task_id], run_ids=[ti.run_id], map_index=ti.map_index)
         key = f"{ti.task_id}_{ti.map_index}" if ti.map_index >= 0 else ti.task_id
         return states[ti.run_id][key]
-
-
-async def _chain(first: list[dict[str, Any]], rest: Any) -> AsyncIterator[dict[str, Any]]:
-    for item in first:
-        yield item
-    async for item in rest:
-        yield item

@@ -1,0 +1,172 @@
+"""Per-item cost of the worker side, side by side in one run, on the same queue type (quorum).
+
+    python bench/consumer.py            # 2,000 items per process-per-item run, 20,000 in process; 3 alternated rounds
+    python bench/consumer.py --quick    # 300 / 5,000 items, 1 round (a smoke run)
+
+1. ``workqueue-consume --drain`` and ``workqueue-consume -c N`` vs ``amqp-consume -c N`` (Debian
+   amqp-tools, installed with apt-get when missing), the worker ``sh -c "cat >/dev/null"`` per item.
+   Every queue is filled the same way and has a ledger (``Q.receipts``): ours writes a confirmed
+   receipt per item before its ack, amqp-consume writes none. Target: >= 1.0x amqp-consume's items/s.
+2. The in-process API (``work_items()``, a no-op body, receipts on) vs process-per-item
+   (``workqueue-consume --drain``). Target: >= 20x.
+3. The in-process API vs PerfTest's consumer (``-x 0 -y 1 -q <prefetch>``, autoack off, one ack per
+   message, no receipts) on the same queue type and prefetch. Target: within 2x (ratio >= 0.5).
+Ratios are medians of each round's paired ratios (runs alternate order). Exits non-zero if a target
+is missed or an account does not add up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import BROKER_URL, REPO, verify_depth  # noqa: E402
+from perftest import perftest  # noqa: E402
+
+sys.path.insert(0, str(REPO / "provider"))
+import pika  # noqa: E402
+
+from workqueue_provider.amqp import receipts  # noqa: E402
+from workqueue_provider.amqp.connection import BrokerSettings, open_connection  # noqa: E402
+from workqueue_provider.amqp.queues import QueueSpec, declare, delete, fill_key  # noqa: E402
+
+CONSUME = [sys.executable, "-m", "workqueue_provider.worker.cli"]
+WORKER = ["sh", "-c", "cat >/dev/null"]
+PREFETCH = 200  # the in-process API's default prefetch; PerfTest's consumer gets the same
+TARGETS = {"drain_vs_amqp_consume": 1.0, "c_n_vs_amqp_consume": 1.0, "in_process_vs_per_item": 20.0,
+           "in_process_vs_perftest": 0.5}
+IN_PROCESS = """
+import sys, time
+sys.path.insert(0, {provider!r})
+from workqueue_provider.worker.items import work_items
+items = work_items({queue!r}, url={url!r}, prefetch={prefetch})
+started = time.perf_counter()
+for item in items:
+    pass
+print(time.perf_counter() - started, items.result.processed, items.exit_code)
+"""
+
+
+def ensure_amqp_tools() -> None:
+    if shutil.which("amqp-consume") is None:
+        print("consumer: installing amqp-tools (apt-get)", flush=True)
+        subprocess.run(["apt-get", "install", "-y", "-q", "amqp-tools"], check=True, capture_output=True)
+
+
+def filled(n: int) -> str:
+    """A fresh quorum queue with ``n`` items and a ledger, as FillQueueOperator leaves them."""
+    queue = f"bench-consumer-{uuid.uuid4().hex[:8]}"
+    connection = open_connection(BrokerSettings.from_url(BROKER_URL))
+    declare(connection, QueueSpec(queue))
+    receipts.declare_receipts(connection, queue)
+    channel = connection.channel()
+    key = fill_key("bench")
+    for index in range(n):
+        channel.basic_publish("", queue, f"item-{index:07d}".encode(), pika.BasicProperties(
+            delivery_mode=2, message_id=receipts.message_id_for(index), headers={receipts.FILL_HEADER: key}))
+    verify_depth(queue, n)
+    receipts.record_fill(connection, queue, "bench", n)
+    connection.close()
+    return queue
+
+
+def settle(queue: str, n: int, ledger: bool) -> None:
+    """Check the run took every item (and, with receipts, the account adds up), then delete the queues."""
+    connection = open_connection(BrokerSettings.from_url(BROKER_URL))
+    try:
+        if ledger:
+            account = receipts.read_account(connection, queue)
+            assert account is not None and (account.processed, account.left, account.lost) == (n, 0, 0), account
+        else:
+            left = connection.channel().queue_declare(queue, passive=True).method.message_count
+            assert left == 0, f"{left} items left in {queue}"
+    finally:
+        for name in (queue, receipts.receipts_queue(queue)):
+            delete(connection, name)
+        connection.close()
+
+
+def per_item(kind: str, n: int) -> float:
+    """Items/s of one process-per-item consumer over ``n`` items (process start included, as in a pod)."""
+    queue = filled(n)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "provider")}
+    amqp_url = BROKER_URL[:-1] if urlsplit(BROKER_URL).path == "/" else BROKER_URL
+    command = {"drain": [*CONSUME, "--url", BROKER_URL, "-q", queue, "--drain", *WORKER],
+               "c_n": [*CONSUME, "--url", BROKER_URL, "-q", queue, "-c", str(n), *WORKER],
+               "amqp_consume": ["amqp-consume", f"--url={amqp_url}", "-q", queue, "-c", str(n), "--", *WORKER]}[kind]
+    started = time.perf_counter()
+    subprocess.run(command, env=env, check=True, capture_output=True, timeout=600)
+    seconds = time.perf_counter() - started
+    settle(queue, n, ledger=kind != "amqp_consume")
+    return n / seconds
+
+
+def in_process(n: int) -> float:
+    queue = filled(n)
+    code = IN_PROCESS.format(provider=str(REPO / "provider"), queue=queue, url=BROKER_URL, prefetch=PREFETCH)
+    done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=600)
+    seconds, processed, exit_code = done.stdout.split()
+    assert int(processed) == n and int(exit_code) == 0, done.stdout + done.stderr
+    settle(queue, n, ledger=True)
+    return n / float(seconds)
+
+
+def perftest_consumer(n: int) -> float:
+    queue = filled(n)
+    rates = perftest("-x", "0", "-y", "1", "-q", str(PREFETCH), "-u", queue, "-p", "-ad", "false", "-D", str(n))
+    settle(queue, n, ledger=False)
+    return rates["receive"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    n, n_fast, rounds = (300, 5_000, 1) if args.quick else (2_000, 20_000, 3)
+    ensure_amqp_tools()
+    rates: dict[str, list[float]] = {k: [] for k in ("drain", "c_n", "amqp_consume", "in_process", "perftest")}
+    ratios: dict[str, list[float]] = {k: [] for k in TARGETS}
+    for round_ in range(rounds):
+        kinds = ["amqp_consume", "drain", "c_n"] if round_ % 2 == 0 else ["c_n", "drain", "amqp_consume"]
+        measured = {kind: per_item(kind, n) for kind in kinds}
+        fast = ["in_process", "perftest"] if round_ % 2 == 0 else ["perftest", "in_process"]
+        measured.update({kind: in_process(n_fast) if kind == "in_process" else perftest_consumer(n_fast)
+                         for kind in fast})
+        for kind, rate in measured.items():
+            rates[kind].append(rate)
+        ratios["drain_vs_amqp_consume"].append(measured["drain"] / measured["amqp_consume"])
+        ratios["c_n_vs_amqp_consume"].append(measured["c_n"] / measured["amqp_consume"])
+        ratios["in_process_vs_per_item"].append(measured["in_process"] / measured["drain"])
+        ratios["in_process_vs_perftest"].append(measured["in_process"] / measured["perftest"])
+        print("consumer: round", round_ + 1, ", ".join(f"{k} {v:,.0f}/s" for k, v in measured.items()), flush=True)
+    ok = True
+    summary: dict[str, Any] = {}
+    for name, target in TARGETS.items():
+        ratio = statistics.median(ratios[name])
+        met = ratio >= target
+        ok &= met
+        summary[name] = {"ratio": round(ratio, 2), "ratios": [round(r, 2) for r in ratios[name]], "target": target,
+                         "target_met": met}
+        print(f"  {name.replace('_', ' ')}: {ratio:.2f}x; target >= {target:g}x: {'MET' if met else 'MISSED'}")
+    print("  items/s (medians): " + ", ".join(f"{k} {statistics.median(v):,.0f}" for k, v in rates.items()))
+    if not args.quick:
+        (REPO / "bench" / "results" / "consumer.json").write_text(json.dumps({
+            "command": "python bench/consumer.py", "items_per_item_runs": n, "items_in_process": n_fast,
+            "rounds": rounds, "worker": WORKER, "prefetch_in_process": PREFETCH,
+            "rates": {k: [round(r) for r in v] for k, v in rates.items()}, "targets": summary}, indent=2) + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

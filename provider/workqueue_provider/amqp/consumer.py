@@ -1,0 +1,355 @@
+"""Taking items from a work queue with a bounded prefetch, keeping the item account.
+
+The worker side (``workqueue-consume`` and the in-process :mod:`workqueue_provider.worker.items`)
+reaches the broker only through :class:`QueueConsumer`; pika stays in this package.
+
+- Items arrive by ``basic.consume`` with a prefetch of at most ``prefetch`` unacked items, so the
+  next item is already here when one is done (no round trip per item, as ``basic.get`` costs).
+- ``max_items`` (None: no limit) is never exceeded, not even by a delivery held and handed back
+  (a quorum queue counts that as a delivery against the item's delivery limit): the subscription's
+  prefetch is at most the items left to take, and before an ack or reject would let the broker
+  send more than that, the subscription is cancelled (and renewed later if items are still due).
+- :meth:`QueueConsumer.finish` publishes the receipt of an item whose work is done to the ledger
+  (``Q.receipts``, amqp/receipts.py) and acks the item only once the broker confirms the receipt
+  (publisher confirms: stored on disk). Nothing blocks: confirms are pipelined, so the wait for a
+  receipt's confirm overlaps the next items' work. pika's BlockingChannel has neither pipelined
+  confirms nor a non-blocking consume, so these calls use the asynchronous channel under it
+  (``_impl``), inside one BlockingConnection.
+- Any item not acked goes back to the queue when the connection closes or drops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import pika
+import pika.exceptions
+import pika.spec
+
+from workqueue_provider.amqp import receipts
+from workqueue_provider.amqp.connection import BrokerSettings, open_connection
+from workqueue_provider.amqp.deliveries import LOST, ChannelTakenBack, ConsumerLost, Delivery, closing_reason
+from workqueue_provider.amqp.queues import depth
+from workqueue_provider.amqp.settling import Settling
+from workqueue_provider.amqp.subscriptions import Subscriptions
+from workqueue_provider.exceptions import BrokerError, QueueNotFoundError
+
+EMPTY_RECHECK = 0.05  # seconds to wait for a delivery after the broker said the queue holds none
+AFTER_RECONNECT_SECONDS = 5.0  # after a reconnect, "the queue is empty" must still hold this long after
+
+
+class QueueConsumer(Settling):
+    """One connection: a consuming channel (prefetch-bounded) and a ledger channel (transactions)."""
+
+    def __init__(self, settings: BrokerSettings, queue_name: str, prefetch: int, max_items: int | None = None,
+                 initial_prefetch: int | None = None, batch_receipts: bool = False):
+        if prefetch < 1 or (max_items is not None and max_items < 1):
+            raise ValueError(f"prefetch={prefetch} and max_items={max_items} must be at least 1")
+        self.settings = settings
+        self.queue_name = queue_name
+        self.prefetch = prefetch
+        self.initial_window = min(prefetch, initial_prefetch or prefetch)  # widened up to prefetch when starved
+        self.batch_receipts = batch_receipts  # one receipt for the items finished between two pumps
+        self.max_items = max_items
+        self.acked = 0  # items acked as processed, over every connection
+        self.rejected = 0  # items given back or dead-lettered after a failure, over every connection
+        self.connection: pika.BlockingConnection | None = None
+        self._channel: Any = None  # the consuming channel (pika's asynchronous channel)
+        self._ledger: Any = None  # the ledger channel in tx mode; None: acks without receipts
+        self._ledger_gone = False
+        self._receipt_returned = False  # a receipt came back unroutable on this connection: see _on_return
+        self._buffer: deque[Delivery] = deque()
+        self._outstanding: set[int] = set()  # delivered, not yet acked or rejected
+        self._subscriptions = Subscriptions()
+        self._deferred: list[int] = []  # acks held back so the broker sends no more than max_items
+        self._finished: list[Delivery] = []  # work done, receipt not sent yet (batch_receipts)
+        self._confirming: dict[int, list[Delivery]] = {}  # items of each receipt sent, by publish sequence number
+        self._confirming_items = 0
+        self._sent = 0  # receipts published on the current ledger channel
+        self._waiting = False
+        self._wanted = True  # False once stop_deliveries() was called
+        self._takes = 0
+        self._connects = 0
+        self._distrust_empty_until = 0.0  # after a reconnect: see queue_is_empty
+
+    # -- connecting ---------------------------------------------------------------------------------
+    def connect(self, *, keep_receipts: bool) -> None:
+        """Connect and start consuming. Raises BrokerError (QueueNotFoundError if the queue is missing)."""
+        self.close()
+        self.connection = open_connection(self.settings)
+        self._connects += 1
+        if self._connects > 1:  # back after losing a node: its quorum queues may be electing a leader
+            self._distrust_empty_until = time.monotonic() + AFTER_RECONNECT_SECONDS
+        try:
+            probe = self.connection.channel()
+            probe.queue_declare(self.queue_name, passive=True)
+            probe.close()
+            self._channel = self._open_consuming_channel()
+            self._receipt_returned = False
+            if keep_receipts and not self._ledger_gone and not self._ledger_exists():
+                self._ledger_gone = True  # deleted while we were away (a receipt came back): ack without receipts
+            if keep_receipts and not self._ledger_gone:
+                ledger = self.connection.channel()._impl
+                ledger.add_on_return_callback(self._on_return)
+                ledger.confirm_delivery(ack_nack_callback=self._on_confirm)
+                self._ledger, self._sent = ledger, 0
+        except pika.exceptions.ChannelClosedByBroker as e:
+            if e.reply_code == 404:
+                raise QueueNotFoundError(f"Queue {self.queue_name!r} does not exist ({e.reply_code} {e.reply_text}): "
+                                         "declare it first (DeclareQueueOperator).") from e
+            raise BrokerError(f"The broker refused queue {self.queue_name!r}: {e.reply_code} {e.reply_text}") from e
+        except LOST as e:
+            raise ConsumerLost(repr(e)) from e
+        if self._wanted:
+            self._subscribe()
+
+    def _ledger_exists(self) -> bool:
+        """Whether ``Q.receipts`` exists (only a queue that is really gone makes a worker stop keeping receipts)."""
+        assert self.connection is not None
+        probe = self.connection.channel()
+        try:
+            probe.queue_declare(receipts.receipts_queue(self.queue_name), passive=True)
+        except pika.exceptions.ChannelClosedByBroker as e:
+            if e.reply_code == 404:
+                return False
+            raise
+        probe.close()
+        return True
+
+    def _open_consuming_channel(self) -> Any:
+        """A channel of pika's asynchronous kind on this connection: its subscriptions can be renewed
+        (a BlockingChannel allows one consume-ok per wait) and nothing on it blocks."""
+        assert self.connection is not None
+        opened: list[Any] = []
+
+        def on_open(channel: Any) -> None:
+            opened.append(channel)
+            self.wake()
+        self.connection._impl.channel(on_open_callback=on_open)
+        self.pump(self.settings.socket_timeout, until=lambda: bool(opened))
+        if not opened:
+            raise ConsumerLost(f"no channel opened within {self.settings.socket_timeout:g} s")
+        return opened[0]
+
+    def record_start(self) -> bool:
+        """Write the consumer record (receipts are being kept); False when the queue has no ledger."""
+        connection, kept = self.connection, []
+        assert connection is not None
+
+        def record() -> None:
+            channel = connection.channel()
+            channel.confirm_delivery()
+            try:
+                receipts.record_consumer(channel, self.queue_name)
+                kept.append(True)
+            except receipts.NoLedger:
+                kept.append(False)
+            finally:
+                with contextlib.suppress(Exception):
+                    channel.close()
+        self._call(record)
+        return kept[0]
+
+    def _hand_back(self) -> None:
+        self._subscriptions.cancel_all(self._channel)
+        self.pump(0)
+        for tag in self._deferred:
+            self._channel.basic_ack(tag)
+        self._deferred = []
+        while self._buffer:
+            self._channel.basic_reject(self._buffer.popleft().tag, requeue=True)
+        done: list[Any] = []
+
+        def barrier(_frame: Any) -> None:  # the channel answers once it has handled the acks and rejects
+            done.append(True)
+            self.wake()
+        self._channel.basic_qos(prefetch_count=1, callback=barrier)
+        self.pump(self.settings.socket_timeout, until=lambda: bool(done))
+
+    def drop_ledger(self) -> None:
+        """Ack without receipts from now on (the queue has no ledger)."""
+        if self._ledger is not None:
+            with contextlib.suppress(Exception):
+                self._ledger.close()
+        self._ledger = None
+
+    def close(self) -> None:
+        """Close the connection: items not acked go back to the queue. Items delivered and not started, and
+        rejects sent, are handled by the broker before this returns, so the next reader finds them back."""
+        if self._channel is not None and self.connection is not None and not self.connection.is_closed:
+            with contextlib.suppress(Exception):
+                self._hand_back()
+        if self.connection is not None:
+            with contextlib.suppress(Exception):
+                self.connection.close()
+        self.connection = self._channel = self._ledger = None
+        self._subscriptions.forget()
+        self._deferred = []
+        self._buffer.clear()
+        self._outstanding.clear()
+        self._finished, self._confirming, self._confirming_items = [], {}, 0
+
+    # -- taking items ---------------------------------------------------------------------------------
+    @property
+    def remaining(self) -> int | None:
+        """Items this process may still receive (None: no limit)."""
+        if self.max_items is None:
+            return None
+        return self.max_items - self.acked - self.rejected - (len(self._outstanding) - len(self._deferred))
+
+    @property
+    def exhausted(self) -> bool:
+        """Every item this process may take has been taken."""
+        return self.remaining == 0 and not self._buffer
+
+    def take(self, timeout: float) -> Delivery | None:
+        """The next item, waiting up to ``timeout`` seconds for one; None if none came."""
+        self._takes += 1
+        if self._buffer and self._takes % 16 == 0:
+            self.pump(0)  # with items at hand, still send receipts and acks, and take confirms, now and then
+        if not self._buffer:
+            if not self._subscriptions.active and self._wanted and (self.remaining is None or self.remaining > 0):
+                self._call(self._subscribe)
+            elif self._starved_by_receipts():
+                self._call(self._widen)
+            self._waiting = True
+            try:
+                self.pump(timeout, until=lambda: bool(self._buffer))
+            finally:
+                self._waiting = False
+        return self._buffer.popleft() if self._buffer else None
+
+    def stop_deliveries(self) -> None:
+        """Take no more items: cancel the subscriptions and wait until the broker confirms (items it sent
+        before that stay held, for :meth:`take`; pika hands back any still on their way)."""
+        self._wanted = False
+        cancelled: list[Any] = []
+
+        def on_cancelled(frame: Any) -> None:
+            cancelled.append(frame)
+            self.wake()
+        count = 0
+
+        def cancel() -> None:
+            nonlocal count
+            count = self._subscriptions.cancel_all(self._channel, on_cancelled)
+        self._call(cancel)
+        self._waiting = True
+        try:
+            self.pump(5.0, until=lambda: len(cancelled) >= count)
+        finally:
+            self._waiting = False
+
+    def queue_is_empty(self) -> bool:
+        """No item delivered to us and none ready in the queue (items other workers hold are not counted)."""
+        assert self.connection is not None
+        if self._buffer:
+            return False
+        try:
+            ready = depth(self.connection, self.queue_name).messages
+        except QueueNotFoundError:
+            raise
+        except (BrokerError, *LOST) as e:
+            raise ConsumerLost(repr(e)) from e
+        self._waiting = True
+        try:  # a message another worker just handed back may still be on its way to us
+            self.pump(EMPTY_RECHECK, until=lambda: bool(self._buffer))
+        finally:
+            self._waiting = False
+        if ready == 0 and not self._buffer and time.monotonic() < self._distrust_empty_until:
+            # A quorum queue between leaders (its node was just lost) reads 0 messages for a moment: an
+            # empty reading right after a reconnect is trusted only once it is still empty a little later.
+            self._waiting = True
+            try:
+                self.pump(self._distrust_empty_until - time.monotonic(), until=lambda: bool(self._buffer))
+            finally:
+                self._waiting = False
+            self._distrust_empty_until = 0.0
+            return not self._buffer and self.queue_is_empty()
+        return ready == 0 and not self._buffer
+
+    def pump(self, seconds: float, until: Callable[[], bool] | None = None) -> None:
+        """Handle broker traffic (deliveries, commits, heartbeats) for up to ``seconds``: until the first
+        event, or with ``until`` until it holds. Raises ConsumerLost / ChannelTakenBack."""
+        connection = self.connection
+        assert connection is not None
+        if self._finished:
+            self._call(self._send_receipts, ledger=True)
+        if self._deferred:
+            self._call(self._release_deferred)
+        deadline = time.monotonic() + seconds
+        while True:
+            left = max(0.0, deadline - time.monotonic())
+
+            def process(limit: float = left) -> None:
+                connection.process_data_events(time_limit=limit)
+            self._call(process)
+            if until is None or until() or left == 0:
+                return
+
+    def wake(self) -> None:
+        """Make a :meth:`pump` in progress return at once."""
+        connection = self.connection
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                connection.add_callback_threadsafe(_nothing)
+
+    # -- internals ------------------------------------------------------------------------------------
+    def _starved_by_receipts(self) -> bool:
+        """Nothing to work on because the window is full of finished items waiting for their receipt's
+        confirm: a window too small for the broker's confirm latency. Items that take long never get here."""
+        self.pump(0)
+        window = self._subscriptions.window
+        return (not self._buffer and self._subscriptions.active and window < self.prefetch and self.max_items is None
+                and self._confirming_items >= window - 1)
+
+    def _widen(self) -> None:
+        """Double the window with one more subscription, within ``prefetch`` and the items left."""
+        extra = min(self._subscriptions.window, self.prefetch - self._subscriptions.window)
+        remaining = self.remaining
+        if remaining is not None:
+            extra = min(extra, remaining - self._subscriptions.credit(self._outstanding))
+        if extra > 0:
+            self._subscriptions.add(self._channel, self.queue_name, extra, self._on_message)
+
+    def _subscribe(self) -> None:
+        remaining = self.remaining
+        prefetch = self.initial_window if remaining is None else min(self.initial_window, remaining)
+        self._subscriptions.add(self._channel, self.queue_name, prefetch, self._on_message)
+
+    def _on_message(self, _channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        self._outstanding.add(method.delivery_tag)
+        self._subscriptions.note(method.consumer_tag, method.delivery_tag)
+        self._buffer.append(Delivery(method.delivery_tag, body, properties.message_id, method.redelivered, properties))
+        if self._waiting:
+            self.wake()
+
+    def _call(self, action: Callable[[], Any], *, ledger: bool = False) -> None:
+        """Run a pika call, turning a dropped connection into ConsumerLost and a channel the broker
+        closed into ChannelTakenBack (consuming channel) or BrokerError (ledger channel)."""
+        try:
+            action()
+            if self._receipt_returned:
+                raise ConsumerLost("a receipt came back unroutable: reconnecting to check the receipts queue")
+        except pika.exceptions.ChannelClosedByBroker as e:
+            if ledger:
+                raise BrokerError(f"The broker refused the receipts of queue {self.queue_name!r}: "
+                                  f"{e.reply_code} {e.reply_text}") from e
+            raise ChannelTakenBack(f"{e.reply_code} {e.reply_text}") from e
+        except LOST as e:
+            raise ConsumerLost(repr(e)) from e
+        if self.connection is None or self.connection.is_closed:
+            raise ConsumerLost("the connection closed")
+        if self._ledger is not None and self._ledger.is_closed:
+            raise BrokerError(f"The broker closed the ledger channel of queue {self.queue_name!r}: "
+                              f"{closing_reason(self._ledger)}")
+        if self._channel is not None and self._channel.is_closed:
+            raise ChannelTakenBack(closing_reason(self._channel))
+
+
+def _nothing() -> None:
+    """A callback that only wakes the connection's event loop."""
