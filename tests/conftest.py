@@ -18,6 +18,17 @@ from tests.airflow_context import task_context  # noqa: F401  (tests import it f
 REPO = Path(__file__).resolve().parents[1]
 BROKER_URL = os.environ.get("WORKQUEUE_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
+
+def rabbitmqctl(*args: str, capture: bool = False) -> str:
+    """rabbitmqctl against the test broker: the host's (3.10 on 5672), or the 4.0 node's on 5673."""
+    from workqueue_provider.amqp.connection import BrokerSettings
+
+    if BrokerSettings.from_url(BROKER_URL).effective_port == int(os.environ.get("RABBITMQ4_PORT", "5673")):
+        command = [str(REPO / "scripts/ensure-rabbitmq4.sh"), "ctl", "-q", *args]
+    else:
+        command = ["rabbitmqctl", "-q", *args]
+    return subprocess.run(command, check=True, capture_output=capture, text=True).stdout or ""
+
 # Airflow reads its home at import time: isolate it before any test imports airflow.
 os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="workqueue-airflow-home-"))
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")

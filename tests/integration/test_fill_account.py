@@ -4,14 +4,11 @@ real broker (issue 10 sections 1, 4 and 7; issue 16 item 4)."""
 
 from __future__ import annotations
 
-import subprocess
-
 import pika
 import pytest
 
-from tests.conftest import BROKER_URL, REPO, task_context
+from tests.conftest import rabbitmqctl, task_context
 from workqueue_provider.amqp import receipts
-from workqueue_provider.amqp.connection import BrokerSettings
 from workqueue_provider.amqp.queues import FILL_HEADER, fill_key
 from workqueue_provider.exceptions import ConfigurationError, PublishError
 from workqueue_provider.hooks.amqp import AmqpHook
@@ -67,15 +64,6 @@ def publish_foreign(broker_url, queue, body=b"someone else's item"):
 def account(queue):
     with AmqpHook().connection() as connection:
         return receipts.read_account(connection, queue)
-
-
-def rabbitmqctl(*args, capture=False) -> str:
-    """rabbitmqctl against the test broker: the host's (3.10 on 5672), or the 4.0 node's on 5673."""
-    if BrokerSettings.from_url(BROKER_URL).effective_port == 5673:
-        command = [str(REPO / "scripts/ensure-rabbitmq4.sh"), "ctl", "-q", *args]
-    else:
-        command = ["rabbitmqctl", "-q", *args]
-    return subprocess.run(command, check=True, capture_output=capture, text=True).stdout or ""
 
 
 def cut_after(monkeypatch, count, times=1):

@@ -16,11 +16,16 @@ reaches the broker only through :class:`QueueConsumer`; pika stays in this packa
   confirms nor a non-blocking consume, so these calls use the asynchronous channel under it
   (``_impl``), inside one BlockingConnection.
 - Any item not acked goes back to the queue when the connection closes or drops.
+- "The queue is empty" is believed only from a queue that answers: a quorum queue whose leader is
+  paused or lost reads 0 messages and 0 consumers, so a reading that doesn't count our own confirmed
+  subscription is asked again (see :meth:`QueueConsumer._ready_messages`), and a reading right
+  after a reconnect must still hold a few seconds later.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -40,6 +45,10 @@ from workqueue_provider.exceptions import BrokerError, QueueNotFoundError
 
 EMPTY_RECHECK = 0.05  # seconds to wait for a delivery after the broker said the queue holds none
 AFTER_RECONNECT_SECONDS = 5.0  # after a reconnect, "the queue is empty" must still hold this long after
+LEADERLESS_PATIENCE = 60.0  # seconds a queue may read "0 consumers" while delivering to us before we reconnect
+LEADERLESS_RECHECK = 0.5  # seconds between two such readings
+
+log = logging.getLogger(__name__)
 
 
 class QueueConsumer(Settling):
@@ -216,11 +225,7 @@ class QueueConsumer(Settling):
                 self._call(self._subscribe)
             elif self._starved_by_receipts():
                 self._call(self._widen)
-            self._waiting = True
-            try:
-                self.pump(timeout, until=lambda: bool(self._buffer))
-            finally:
-                self._waiting = False
+            self._wait_for_items(timeout)
         return self._buffer.popleft() if self._buffer else None
 
     def stop_deliveries(self) -> None:
@@ -249,28 +254,57 @@ class QueueConsumer(Settling):
         assert self.connection is not None
         if self._buffer:
             return False
-        try:
-            ready = depth(self.connection, self.queue_name).messages
-        except QueueNotFoundError:
-            raise
-        except (BrokerError, *LOST) as e:
-            raise ConsumerLost(repr(e)) from e
-        self._waiting = True
-        try:  # a message another worker just handed back may still be on its way to us
-            self.pump(EMPTY_RECHECK, until=lambda: bool(self._buffer))
-        finally:
-            self._waiting = False
+        ready = self._ready_messages()
+        if ready is None:
+            return False  # an item arrived while the queue was not answering
+        self._wait_for_items(EMPTY_RECHECK)  # a message another worker just handed back may still be on its way
         if ready == 0 and not self._buffer and time.monotonic() < self._distrust_empty_until:
             # A quorum queue between leaders (its node was just lost) reads 0 messages for a moment: an
             # empty reading right after a reconnect is trusted only once it is still empty a little later.
-            self._waiting = True
-            try:
-                self.pump(self._distrust_empty_until - time.monotonic(), until=lambda: bool(self._buffer))
-            finally:
-                self._waiting = False
+            self._wait_for_items(self._distrust_empty_until - time.monotonic())
             self._distrust_empty_until = 0.0
             return not self._buffer and self.queue_is_empty()
         return ready == 0 and not self._buffer
+
+    def _ready_messages(self) -> int | None:
+        """The queue's ready messages; None if an item arrived while waiting for a trustworthy reading.
+
+        A quorum queue whose leader does not answer (paused, partitioned, electing) reads "0 messages,
+        0 consumers" from a passive declare, the same as an empty queue. Our own subscription, confirmed
+        by the broker, is always counted by a queue that answers, so "0 consumers" then means "no
+        answer": the reading is asked again until it counts us, and after ``LEADERLESS_PATIENCE`` seconds
+        the connection is treated as lost (ConsumerLost: the caller's outage handling takes over)."""
+        assert self.connection is not None
+        deadline = time.monotonic() + LEADERLESS_PATIENCE
+        warned = False
+        while True:
+            try:
+                reading = depth(self.connection, self.queue_name)
+            except QueueNotFoundError:
+                raise
+            except (BrokerError, *LOST) as e:
+                raise ConsumerLost(repr(e)) from e
+            if reading.consumers > 0 or not self._subscriptions.registered:
+                return reading.messages
+            if time.monotonic() >= deadline:
+                raise ConsumerLost(f"queue {self.queue_name!r} has read 0 messages and 0 consumers for "
+                                   f"{LEADERLESS_PATIENCE:g} s although it is delivering to us: its leader is not answering")
+            if not warned:
+                log.warning("Queue %r reads 0 consumers although it is delivering to us: its leader is not answering "
+                            "(a quorum queue node paused or lost); asking again for up to %g s before reconnecting.",
+                            self.queue_name, LEADERLESS_PATIENCE)
+                warned = True
+            self._wait_for_items(LEADERLESS_RECHECK)
+            if self._buffer:
+                return None
+
+    def _wait_for_items(self, seconds: float) -> None:
+        """Handle broker traffic for up to ``seconds``, returning early when an item arrives."""
+        self._waiting = True
+        try:
+            self.pump(seconds, until=lambda: bool(self._buffer))
+        finally:
+            self._waiting = False
 
     def pump(self, seconds: float, until: Callable[[], bool] | None = None) -> None:
         """Handle broker traffic (deliveries, commits, heartbeats) for up to ``seconds``: until the first

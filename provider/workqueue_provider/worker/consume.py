@@ -6,7 +6,9 @@
 - on failure it is rejected (requeued, or dead-lettered with ``dead_letter=True``, which is refused
   at start when the queue has no dead-letter exchange) and the consumer exits non-zero, so
   Kubernetes sees the failure (after finishing the one item it already held, see below);
-- an empty queue ends the consumer at once with exit 0 instead of blocking forever;
+- an empty queue ends the consumer at once with exit 0 instead of blocking forever; "empty" is only
+  believed from a queue that answers (a quorum queue whose leader is paused or lost reads empty:
+  amqp/consumer.py asks again, and reconnects after a minute without an answer);
 - ``max_items`` takes up to N items; ``max_items=None`` drains the queue in one process;
 - a broker outage (restart, upgrade, node reboot) is ridden out: the consumer reconnects with
   backoff for up to ``outage_window`` seconds; the items held when the connection dropped are back in

@@ -1,0 +1,65 @@
+"""A quorum queue whose leader doesn't answer is never read as empty (the CI failure of issue 14's
+paused-node test: a worker exited 0 with five items left in the queue).
+
+RabbitMQ answers a passive declare on such a queue with "0 messages, 0 consumers" (3.10 and 4.0:
+``rabbit_quorum_queue:stat`` maps an error or timeout to ``{ok, 0, 0}``). Here the queue's Ra server is
+stopped on the real broker while a consumer holds an item, and restarted a few seconds later.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from tests.conftest import rabbitmqctl, task_context
+from workqueue_provider.amqp.connection import BrokerSettings
+from workqueue_provider.amqp.consumer import QueueConsumer
+from workqueue_provider.hooks.amqp import AmqpHook
+from workqueue_provider.operators.queue import DeclareQueueOperator, FillQueueOperator
+
+pytestmark = pytest.mark.integration
+LEADER_AWAY_SECONDS = 3.0
+
+
+def ra_server(queue: str, action: str) -> None:
+    """``stop_server`` or ``restart_server`` the queue's Ra member (its only one: a single-node broker)."""
+    command = (f'{{ok, Q}} = rabbit_amqqueue:lookup(rabbit_misc:r(<<"/">>, queue, <<"{queue}">>)), '
+               f"{{Name, _}} = amqqueue:get_pid(Q), ok = ra:{action}(quorum_queues, {{Name, node()}}).")
+    rabbitmqctl("eval", command, capture=True)
+
+
+def test_an_empty_reading_from_a_queue_whose_leader_is_away_is_not_believed(amqp_conn, broker_url, queue_name):
+    items = ["item-0", "item-1", "item-2"]
+    DeclareQueueOperator(task_id="declare", queue_name=queue_name, queue_type="quorum").execute(task_context())
+    FillQueueOperator(task_id="fill", queue_name=queue_name, items=items).execute(task_context())
+    consumer = QueueConsumer(BrokerSettings.from_url(broker_url), queue_name, prefetch=1)
+    consumer.connect(keep_receipts=False)
+    try:
+        held = consumer.take(10)
+        assert held is not None and held.body == b"item-0"
+        assert consumer.queue_is_empty() is False, "two items are ready"
+
+        ra_server(queue_name, "stop_server")
+        assert AmqpHook().queue_depth(queue_name).messages == 0, "the broker's own answer while the leader is away"
+        restart = threading.Timer(LEADER_AWAY_SECONDS, ra_server, (queue_name, "restart_server"))
+        restart.start()
+        started = time.monotonic()
+        try:
+            assert consumer.queue_is_empty() is False, "two items are still in the queue"
+        finally:
+            restart.join()
+        assert time.monotonic() - started >= LEADER_AWAY_SECONDS - 0.5, "the answer waited for the leader"
+
+        taken = [held]
+        consumer.finish(held)
+        while (delivery := consumer.take(10)) is not None:
+            taken.append(delivery)
+            consumer.finish(delivery)
+        consumer.flush()
+        assert [delivery.body.decode() for delivery in taken] == items
+        assert consumer.queue_is_empty() is True
+    finally:
+        consumer.close()
+    assert AmqpHook().queue_depth(queue_name).messages == 0
