@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import REPO, task_context
 from workqueue_provider.amqp.connection import BrokerSettings
+from workqueue_provider.amqp.consumer import QueueConsumer
 from workqueue_provider.hooks.amqp import AmqpHook
 from workqueue_provider.operators.queue import DeclareQueueOperator, FillQueueOperator
 
@@ -145,4 +146,30 @@ def test_max_items_never_hands_back_an_item_it_did_not_take(amqp_conn, broker_ur
     left = [channel.basic_get(queue_name, auto_ack=True) for _ in range(6)]
     connection.close()
     assert [body for _m, _p, body in left] == [str(i).encode() for i in range(4, 10)]
+    assert not any(method.redelivered for method, _p, _b in left)
+
+
+def test_max_items_holds_when_the_window_widens_for_short_items(amqp_conn, broker_url, queue_name):
+    """Items finished faster than their receipts are confirmed widen the window (up to the prefetch), with
+    -c N too; the broker still sends no more than N items, so none of the rest comes back redelivered."""
+    prepare(queue_name, [str(i) for i in range(200)])
+    consumer = QueueConsumer(BrokerSettings.from_url(broker_url), queue_name, prefetch=16, max_items=150,
+                             initial_prefetch=2)
+    consumer.connect(keep_receipts=True)
+    widest = 0
+    try:
+        while not consumer.exhausted and (delivery := consumer.take(5)) is not None:
+            consumer.finish(delivery)  # no work: the receipt's confirm is the whole cost of an item
+            widest = max(widest, consumer.window)
+        consumer.flush()
+    finally:
+        consumer.close()
+    assert consumer.acked == 150
+    assert widest > 2, "the window never widened: this test proves nothing"
+    connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+    channel = connection.channel()
+    left = [channel.basic_get(queue_name, auto_ack=True) for _ in range(50)]
+    assert channel.queue_declare(queue_name, passive=True).method.message_count == 0
+    connection.close()
+    assert [body for _m, _p, body in left] == [str(i).encode() for i in range(150, 200)]
     assert not any(method.redelivered for method, _p, _b in left)

@@ -211,6 +211,11 @@ class QueueConsumer(Settling):
         return self.max_items - self.acked - self.rejected - (len(self._outstanding) - len(self._deferred))
 
     @property
+    def window(self) -> int:
+        """The prefetch the broker was given, over every live subscription (widened for short items)."""
+        return self._subscriptions.window
+
+    @property
     def exhausted(self) -> bool:
         """Every item this process may take has been taken."""
         return self.remaining == 0 and not self._buffer
@@ -338,7 +343,7 @@ class QueueConsumer(Settling):
         confirm: a window too small for the broker's confirm latency. Items that take long never get here."""
         self.pump(0)
         window = self._subscriptions.window
-        return (not self._buffer and self._subscriptions.active and window < self.prefetch and self.max_items is None
+        return (not self._buffer and self._subscriptions.active and window < self.prefetch
                 and self._confirming_items >= window - 1)
 
     def _widen(self) -> None:
