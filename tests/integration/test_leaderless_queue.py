@@ -1,5 +1,5 @@
-"""A quorum queue whose leader doesn't answer is never read as empty (the CI failure of issue 14's
-paused-node test: a worker exited 0 with five items left in the queue).
+"""A quorum queue whose leader doesn't answer is never read as empty (once, a worker in the
+paused-leader cluster test exited 0 with five items left in the queue).
 
 RabbitMQ answers a passive declare on such a queue with "0 messages, 0 consumers" (3.10 and 4.0:
 ``rabbit_quorum_queue:stat`` maps an error or timeout to ``{ok, 0, 0}``). Here the queue's Ra server is
