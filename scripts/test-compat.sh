@@ -9,6 +9,9 @@ airflow_version=${COMPAT_AIRFLOW_VERSION:-3.1.8}
 constraints="$repo/scripts/compat-constraints.txt"  # a resolved Airflow 3.1.8 set: fast, repeatable installs
 key=$( (sha256sum "$repo/pyproject.toml" "$constraints"; echo "$repo $airflow_version") | sha256sum | cut -c1-16)
 venv="$cache/venvs/compat-$key"
+mkdir -p "$cache/venvs"
+exec 9>"$cache/venvs/.compat-lock"  # one creator at a time (make test starts one in the background)
+flock 9
 if [ ! -f "$venv/.installed" ]; then
   echo "test-compat: creating $venv (Airflow $airflow_version)" >&2
   rm -rf "$venv"
@@ -18,6 +21,8 @@ if [ ! -f "$venv/.installed" ]; then
   echo "$repo" > "$venv/.installed"
 fi
 "$venv/bin/python" -c "import airflow; assert airflow.__version__ == '$airflow_version', airflow.__version__"
+exec 9>&-
+[ "${1:-}" = "--venv-only" ] && exit 0
 cd "$repo"
 CI=true "$venv/bin/python" -m pytest -q tests/unit tests/integration/test_job_side.py tests/integration/test_queue_operators.py \
   tests/reliability/test_job_faults.py tests/reliability/test_job_account.py \
