@@ -11,6 +11,7 @@ Library errors (pika, kubernetes) are translated at the boundary with ``raise ..
     │   ├── BrokerUnreachableError  no TCP/TLS connection to host:port
     │   ├── BrokerAuthError         wrong credentials, or no access to the vhost
     │   ├── QueueNotFoundError      a queue that should exist doesn't
+    │   ├── QueueUnavailableError   a queue exists but doesn't answer (a quorum queue without a leader)
     │   ├── QueueMismatchError      an existing queue has other arguments
     │   └── PublishError            a message was nacked or returned unroutable
     ├── KubernetesError             a Kubernetes API call failed (hooks/kube_errors.py words it)
@@ -53,6 +54,11 @@ class BrokerAuthError(BrokerError):
 
 class QueueNotFoundError(BrokerError):
     """A queue that must exist does not."""
+
+
+class QueueUnavailableError(BrokerError):
+    """A queue exists but doesn't answer: a quorum queue whose leader is down, paused or being elected.
+    An outage (ridden out like one): it answers again once its nodes are back."""
 
 
 class QueueMismatchError(BrokerError):

@@ -88,10 +88,11 @@ class QueueFill:
     def _make_room(self, fill_id: str) -> None:
         """Empty the queue of an earlier attempt's messages (retry), or refuse/purge foreign ones.
 
-        The queue is never peeked at (a peek counts as a delivery of someone else's message): the
+        The queue is never peeked at (a peek counts as a delivery of someone else's message; only a
+        reading of 0 is checked with a basic.get, which takes nothing from an empty queue): the
         ledger (``Q.receipts``) says which fill published last and how deep it left the queue; only a
         queue exactly that deep is purged as this fill's own (see ``receipts.FillTrace.explains``)."""
-        depth = self.amqp.queue_depth(self.queue_name).messages
+        depth = self.amqp.queue_depth(self.queue_name, checked=True).messages
         if depth == 0:
             return
         trace = self.amqp.last_fill(self.queue_name)

@@ -67,7 +67,7 @@ class JobLauncher:
         account = self.amqp.item_account(queue_name, self.dead_letter_queue)
         if account is not None and account.kept:
             return max(0, account.filled - account.processed - account.dead_lettered)
-        return self.amqp.queue_depth(queue_name).messages
+        return self.amqp.queue_depth(queue_name, checked=True).messages
 
     def _wait_for_items_in_flight(self, queue_name: str, outstanding: int) -> None:
         """Pods of an earlier Job that was deleted (a kill, a stuck image) may still hold items unacked for

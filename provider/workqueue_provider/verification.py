@@ -101,8 +101,8 @@ def _verify_depth(job_name: str, verification: Verification, log: Log, *, filled
         "and fill with FillQueueOperator to get the account.", queue,
         "its workers keep no receipts (plain amqp-consume?)" if filled_by_us else "it was not filled by FillQueueOperator")
     amqp = verification.amqp
-    left = amqp.queue_depth(queue).messages
-    dead = amqp.queue_depth(verification.dead_letter_queue).messages if verification.dead_letter_queue else 0
+    left = amqp.queue_depth(queue, checked=True).messages
+    dead = amqp.queue_depth(verification.dead_letter_queue, checked=True).messages if verification.dead_letter_queue else 0
     if left:
         raise JobError(
             f"Job {job_name} is Complete but {left} item(s) are still in queue {queue!r}: some workers exited 0 "

@@ -1,5 +1,5 @@
-"""A quorum queue whose leader doesn't answer is never read as empty (once, a worker in the
-paused-leader cluster test exited 0 with five items left in the queue).
+"""A quorum queue whose leader doesn't answer is never read as empty, by a worker (once, one in the
+paused-leader cluster test exited 0 with five items left in the queue) or on the Airflow side.
 
 RabbitMQ answers a passive declare on such a queue with "0 messages, 0 consumers" (3.10 and 4.0:
 ``rabbit_quorum_queue:stat`` maps an error or timeout to ``{ok, 0, 0}``). Here the queue's Ra server is
@@ -14,10 +14,12 @@ import time
 import pytest
 
 from tests.conftest import rabbitmqctl, task_context
-from workqueue_provider.amqp.connection import BrokerSettings
+from workqueue_provider.amqp.connection import BrokerSettings, open_connection
 from workqueue_provider.amqp.consumer import QueueConsumer
+from workqueue_provider.amqp.queues import checked_depth, depth
+from workqueue_provider.exceptions import QueueUnavailableError
 from workqueue_provider.hooks.amqp import AmqpHook
-from workqueue_provider.operators.queue import DeclareQueueOperator, FillQueueOperator
+from workqueue_provider.operators.queue import DeclareQueueOperator, DeleteQueueOperator, FillQueueOperator
 
 pytestmark = pytest.mark.integration
 LEADER_AWAY_SECONDS = 3.0
@@ -63,3 +65,45 @@ def test_an_empty_reading_from_a_queue_whose_leader_is_away_is_not_believed(amqp
     finally:
         consumer.close()
     assert AmqpHook().queue_depth(queue_name).messages == 0
+
+
+def test_a_checked_empty_reading_raises_while_the_leader_is_away(amqp_conn, broker_url, queue_name):
+    DeclareQueueOperator(task_id="declare", queue_name=queue_name, queue_type="quorum").execute(task_context())
+    FillQueueOperator(task_id="fill", queue_name=queue_name, items=["a", "b"]).execute(task_context())
+    ra_server(queue_name, "stop_server")
+    try:
+        connection = open_connection(BrokerSettings.from_url(broker_url))
+        assert depth(connection, queue_name).messages == 0, "the broker's own answer while the leader is away"
+        with pytest.raises(QueueUnavailableError, match="leader is unavailable"):
+            checked_depth(connection, queue_name)
+    finally:
+        ra_server(queue_name, "restart_server")
+    connection = open_connection(BrokerSettings.from_url(broker_url))
+    assert checked_depth(connection, queue_name).messages == 2
+    connection.close()
+
+
+def test_the_airflow_side_rides_out_a_leaderless_queue_and_never_reads_it_as_empty(amqp_conn, broker_url, queue_name):
+    """The item account and the checks that decide (launch a Job? delete the queue? is the work done?)
+    wait for the leader instead of taking "0 messages" for an empty queue."""
+    items = ["a", "b", "c"]
+    DeclareQueueOperator(task_id="declare", queue_name=queue_name, queue_type="quorum").execute(task_context())
+    FillQueueOperator(task_id="fill", queue_name=queue_name, items=items).execute(task_context())
+    hook = AmqpHook()
+    for read in (lambda: hook.item_account(queue_name).left, lambda: hook.queue_depth(queue_name, checked=True).messages):
+        ra_server(queue_name, "stop_server")
+        restart = threading.Timer(LEADER_AWAY_SECONDS, ra_server, (queue_name, "restart_server"))
+        restart.start()
+        try:
+            assert read() == 3
+        finally:
+            restart.join()
+    ra_server(queue_name, "stop_server")
+    restart = threading.Timer(LEADER_AWAY_SECONDS, ra_server, (queue_name, "restart_server"))
+    restart.start()
+    try:
+        assert DeleteQueueOperator(task_id="delete", queue_name=queue_name, keep_if_not_empty=True).execute(
+            task_context()) == 3
+    finally:
+        restart.join()
+    assert AmqpHook().queue_depth(queue_name).messages == 3, "the queue and its items were kept"

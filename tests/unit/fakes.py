@@ -198,7 +198,7 @@ class FakeAmqpHook:
         self.accounts = list(accounts or [account])  # successive reads; the last one stays
         self.settings = SimpleNamespace(url=lambda host=None, port=None: "amqp://user:secret@broker:5672/%2F")
 
-    def queue_depth(self, queue_name: str) -> QueueDepth:
+    def queue_depth(self, queue_name: str, *, checked: bool = False) -> QueueDepth:
         return self.depth
 
     def item_account(self, queue_name: str, dead_letter_queue: str | None = None) -> Account | None:

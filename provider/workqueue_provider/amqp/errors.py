@@ -9,7 +9,13 @@ from typing import TYPE_CHECKING
 
 import pika.exceptions
 
-from workqueue_provider.exceptions import BrokerAuthError, BrokerError, BrokerUnreachableError, ConfigurationError
+from workqueue_provider.exceptions import (
+    BrokerAuthError,
+    BrokerError,
+    BrokerUnreachableError,
+    ConfigurationError,
+    QueueUnavailableError,
+)
 
 if TYPE_CHECKING:
     from workqueue_provider.amqp.connection import BrokerSettings
@@ -60,7 +66,7 @@ _PERMANENT = (pika.exceptions.ProbableAuthenticationError, pika.exceptions.Proba
               socket.gaierror, ssl.SSLError, BrokerAuthError, ConfigurationError)
 # Errors of a broker that is down, restarting or unreachable, or of a connection it dropped.
 _OUTAGE = (pika.exceptions.AMQPConnectionError, pika.exceptions.ConnectionWrongStateError,
-           pika.exceptions.ChannelWrongStateError, ConnectionError, TimeoutError)
+           pika.exceptions.ChannelWrongStateError, ConnectionError, TimeoutError, QueueUnavailableError)
 
 
 def is_transient(error: BaseException) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from workqueue_provider.exceptions import (
     ConfigurationError,
     QueueMismatchError,
     QueueNotFoundError,
+    QueueUnavailableError,
 )
 
 QueueType = Literal["quorum", "classic"]
@@ -218,6 +220,36 @@ def depth(connection: Any, name: str, *, vhost: str = "/") -> QueueDepth:
         raise BrokerError(f"Reading the depth of queue {name!r} failed: {e.reply_code} {e.reply_text}") from e
     channel.close()
     return QueueDepth(name, ok.method.message_count, ok.method.consumer_count)
+
+
+def checked_depth(connection: Any, name: str, *, vhost: str = "/") -> QueueDepth:
+    """:func:`depth`, where "0 messages" is believed only from a queue that answers.
+
+    A quorum queue whose leader doesn't answer (down, paused, being elected) reads "0 messages" from a
+    passive declare, the same as an empty queue; only its leader answers ``basic.get``. So a reading of 0
+    is checked with one: get-empty confirms it. A message got means the reading was wrong: it goes back
+    at once (requeued: on a quorum queue that counts as one delivery of that message) and the queue holds
+    at least one. No answer raises :class:`QueueUnavailableError`, an outage the hooks ride out."""
+    reading = depth(connection, name, vhost=vhost)
+    if reading.messages:
+        return reading
+    channel: BlockingChannel = connection.channel()
+    try:
+        method, _properties, _body = channel.basic_get(name, auto_ack=False)
+        if method is not None:
+            channel.basic_reject(method.delivery_tag, requeue=True)
+    except (pika.exceptions.ChannelClosedByBroker, pika.exceptions.ConnectionClosedByBroker) as e:
+        if isinstance(e, pika.exceptions.ChannelClosedByBroker) and e.reply_code == 404 and not home_node_down(e):
+            raise QueueNotFoundError(f"Queue {name!r} does not exist in vhost {vhost!r}.") from e
+        raise QueueUnavailableError(f"Queue {name!r} read 0 messages but did not answer a basic.get ({e.reply_code} "
+                                    f"{e.reply_text}): its leader is unavailable (a quorum queue node down, paused or "
+                                    "electing a leader). Retry once the broker's nodes are back.") from e
+    with contextlib.suppress(pika.exceptions.AMQPError):
+        channel.close()
+    if method is None:
+        return reading
+    again = depth(connection, name, vhost=vhost)
+    return QueueDepth(name, max(1, again.messages), again.consumers)
 
 
 def purge(connection: Any, name: str) -> int:

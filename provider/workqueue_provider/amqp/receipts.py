@@ -32,8 +32,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
 from workqueue_provider.amqp.connection import broker_version
-from workqueue_provider.amqp.errors import home_node_down
-from workqueue_provider.amqp.queues import DEAD_LETTER_SUFFIX, FILL_HEADER, UNLIMITED_DELIVERIES, depth, fill_key
+from workqueue_provider.amqp.queues import DEAD_LETTER_SUFFIX, FILL_HEADER, UNLIMITED_DELIVERIES, checked_depth, fill_key
 from workqueue_provider.exceptions import BrokerError, QueueNotFoundError
 
 RECEIPTS_SUFFIX = ".receipts"
@@ -278,7 +277,7 @@ def read_account(connection: Any, queue_name: str, dead_letter_queue: str | None
         return None
     key, fill_id = _text(fill.get(FILL_HEADER)), _text(fill.get(FILL_NAME_HEADER))
     processed = len(seen.get(key, ()))
-    left = depth(connection, queue_name).messages
+    left = checked_depth(connection, queue_name).messages
     dead = _dead_letters(connection, queue_name, dead_letter_queue)
     return Account(fill_id=fill_id or "", filled=int(fill.get(COUNT_HEADER) or 0), processed=processed,
                    duplicated=receipts.get(key, 0) - processed, dead_lettered=dead, left=left,
@@ -289,9 +288,9 @@ def _dead_letters(connection: Any, queue_name: str, dead_letter_queue: str | Non
     """Messages in the dead-letter queue: the one named, else ``<queue>.dead`` (the one DeclareQueueOperator
     wires by default) if it exists."""
     if dead_letter_queue:
-        return depth(connection, dead_letter_queue).messages
+        return checked_depth(connection, dead_letter_queue).messages
     try:
-        return depth(connection, f"{queue_name}{DEAD_LETTER_SUFFIX}").messages
+        return checked_depth(connection, f"{queue_name}{DEAD_LETTER_SUFFIX}").messages
     except QueueNotFoundError:
         return 0
 
@@ -301,15 +300,10 @@ def _read_all(connection: Any, name: str) -> Iterator[tuple[dict[str, Any], list
     then the channels close and the broker puts them all back (the ledger has no delivery limit; see
     :func:`declare_receipts`). A channel holds at most :data:`MAX_UNACKED` (and RabbitMQ 4 gives a quorum
     queue's consumer with prefetch 0 only 2,000), so a long ledger is read on several channels, each
-    with an explicit prefetch. Raises QueueNotFoundError on first use."""
+    with an explicit prefetch. Raises QueueNotFoundError on first use (QueueUnavailableError while the
+    ledger's leader doesn't answer: an empty reading is checked, see :func:`checked_depth`)."""
+    expected = checked_depth(connection, name).messages
     channel: BlockingChannel = connection.channel()
-    try:
-        ok = channel.queue_declare(name, passive=True)
-    except pika.exceptions.ChannelClosedByBroker as e:
-        if e.reply_code == 404 and not home_node_down(e):
-            raise QueueNotFoundError(f"Queue {name!r} does not exist.") from e
-        raise BrokerError(f"Reading queue {name!r} failed: {e.reply_code} {e.reply_text}") from e
-    expected = ok.method.message_count
     opened, read = [channel], 0
     try:
         while read < expected:

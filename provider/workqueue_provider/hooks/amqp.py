@@ -210,9 +210,12 @@ class AmqpHook(BaseHook):
         return self._with_connection(f"declaring queue {spec.name!r}",
                                      lambda c: queues.declare(c, spec, vhost=self.settings.vhost))
 
-    def queue_depth(self, queue_name: str) -> QueueDepth:
+    def queue_depth(self, queue_name: str, *, checked: bool = False) -> QueueDepth:
+        """Ready messages and consumers; ``checked``: "0 messages" only from a queue that answers
+        (:func:`~workqueue_provider.amqp.queues.checked_depth`; a leaderless quorum queue is ridden out)."""
+        read = queues.checked_depth if checked else queues.depth
         return self._with_connection(f"reading the depth of queue {queue_name!r}",
-                                     lambda c: queues.depth(c, queue_name, vhost=self.settings.vhost))
+                                     lambda c: read(c, queue_name, vhost=self.settings.vhost))
 
     def purge_queue(self, queue_name: str) -> int:
         return self._with_connection(f"purging queue {queue_name!r}", lambda c: queues.purge(c, queue_name))

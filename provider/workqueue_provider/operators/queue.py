@@ -266,7 +266,7 @@ class DeleteQueueOperator(BaseOperator):
     def _delete(self, hook: AmqpHook, name: str, what: str) -> tuple[int | None, bool]:
         """Delete ``name`` unless it must be kept; returns (the messages it held or None if absent, kept)."""
         try:
-            found = hook.queue_depth(name)
+            found = hook.queue_depth(name, checked=True)  # never deletes items a leaderless queue hides
         except QueueNotFoundError:
             self.log.info("Queue %r did not exist; nothing to delete.", name)
             return None, False
