@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -97,17 +98,39 @@ def settle(queue: str, n: int, ledger: bool) -> None:
         connection.close()
 
 
+def _cpu_seconds() -> tuple[float, float]:
+    """CPU used so far by this bench's finished children (a consumer and its commands), and by the
+    brokers on this machine (every beam.smp: run the bench with one broker busy)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    brokers = 0.0
+    for pid in subprocess.run(["pgrep", "-x", "beam.smp"], capture_output=True, text=True).stdout.split():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        brokers += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return children.ru_utime + children.ru_stime, brokers
+
+
+CPU: dict[str, dict[str, list[float]]] = {}  # kind -> {"consumer": [...], "broker": [...]} ms of CPU per item
+
+
 def per_item(kind: str, n: int) -> float:
-    """Items/s of one process-per-item consumer over ``n`` items (process start included, as in a pod)."""
+    """Items/s of one process-per-item consumer over ``n`` items (process start included, as in a pod);
+    notes the CPU per item of the consumer with its commands, and of the broker, in ``CPU``."""
     queue = filled(n)
     env = {**os.environ, "PYTHONPATH": str(REPO / "provider")}
     amqp_url = BROKER_URL[:-1] if urlsplit(BROKER_URL).path == "/" else BROKER_URL
     command = {"drain": [*CONSUME, "--url", BROKER_URL, "-q", queue, "--drain", *WORKER],
                "c_n": [*CONSUME, "--url", BROKER_URL, "-q", queue, "-c", str(n), *WORKER],
                "amqp_consume": ["amqp-consume", f"--url={amqp_url}", "-q", queue, "-c", str(n), "--", *WORKER]}[kind]
+    cpu_before = _cpu_seconds()
     started = time.perf_counter()
     subprocess.run(command, env=env, check=True, capture_output=True, timeout=600)
     seconds = time.perf_counter() - started
+    cpu = CPU.setdefault(kind, {"consumer": [], "broker": []})
+    for name, before, after in zip(("consumer", "broker"), cpu_before, _cpu_seconds(), strict=True):
+        cpu[name].append((after - before) / n * 1000)
     settle(queue, n, ledger=kind != "amqp_consume")
     return n / seconds
 
@@ -160,11 +183,15 @@ def main() -> int:
                          "target_met": met}
         print(f"  {name.replace('_', ' ')}: {ratio:.2f}x; target >= {target:g}x: {'MET' if met else 'MISSED'}")
     print("  items/s (medians): " + ", ".join(f"{k} {statistics.median(v):,.0f}" for k, v in rates.items()))
+    cpu = {kind: {name: round(statistics.median(v), 3) for name, v in parts.items()} for kind, parts in CPU.items()}
+    print("  CPU ms per item (medians; consumer = it and its commands): " + ", ".join(
+        f"{kind} consumer {parts['consumer']:.2f} broker {parts['broker']:.2f}" for kind, parts in cpu.items()))
     if not args.quick:
         (REPO / "bench" / "results" / "consumer.json").write_text(json.dumps({
             "command": "python bench/consumer.py", "items_per_item_runs": n, "items_in_process": n_fast,
             "rounds": rounds, "worker": WORKER, "prefetch_in_process": PREFETCH,
-            "rates": {k: [round(r) for r in v] for k, v in rates.items()}, "targets": summary}, indent=2) + "\n")
+            "rates": {k: [round(r) for r in v] for k, v in rates.items()},
+            "cpu_ms_per_item": cpu, "targets": summary}, indent=2) + "\n")
     return 0 if ok else 1
 
 

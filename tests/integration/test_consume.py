@@ -15,6 +15,7 @@ from workqueue_provider.amqp.connection import BrokerSettings
 from workqueue_provider.amqp.consumer import QueueConsumer
 from workqueue_provider.hooks.amqp import AmqpHook
 from workqueue_provider.operators.queue import DeclareQueueOperator, FillQueueOperator
+from workqueue_provider.worker.consume import MAX_PREFETCH, PREFETCH
 
 pytestmark = pytest.mark.integration
 CONSUME = str(Path(sys.executable).parent / "workqueue-consume")
@@ -147,6 +148,59 @@ def test_max_items_never_hands_back_an_item_it_did_not_take(amqp_conn, broker_ur
     connection.close()
     assert [body for _m, _p, body in left] == [str(i).encode() for i in range(4, 10)]
     assert not any(method.redelivered for method, _p, _b in left)
+
+
+def _consumer(broker_url, queue_name):
+    """A consumer as ``workqueue-consume`` builds it: a window of 2, widened up to 32, receipts batched."""
+    return QueueConsumer(BrokerSettings.from_url(broker_url), queue_name, prefetch=MAX_PREFETCH,
+                         initial_prefetch=PREFETCH, batch_receipts=True)
+
+
+def test_items_shorter_than_the_round_trip_share_receipts(amqp_conn, broker_url, queue_name):
+    """Items finished faster than a receipt is confirmed widen the window, and the items finished
+    meanwhile share one receipt (and one ack): fewer ledger records than items, every item accounted."""
+    prepare(queue_name, [str(i) for i in range(300)])
+    consumer = _consumer(broker_url, queue_name)
+    consumer.connect(keep_receipts=True)
+    try:
+        while (delivery := consumer.take(0) or consumer.take(0.05)) is not None:
+            consumer.service()  # as workqueue-consume does once the item's command has started
+            consumer.finish(delivery)  # no work: the broker's round trip is the whole cost of an item
+        consumer.flush()
+    finally:
+        consumer.close()
+    found = AmqpHook().item_account(queue_name)
+    assert found is not None and (found.processed, found.duplicated, found.left, found.lost) == (300, 0, 0, 0)
+    records = AmqpHook().queue_depth(f"{queue_name}.receipts").messages
+    assert records < 150, f"{records} ledger records for 300 items: receipts were not shared"
+
+
+def test_an_item_that_takes_long_is_acked_while_the_next_one_runs(amqp_conn, broker_url, queue_name, monkeypatch):
+    """With a window of 2 (items that take long) a finished item's receipt goes out at once, when the next
+    item starts: it is acked while the next one runs, not held back for others to share its receipt."""
+    from workqueue_provider.amqp import settling
+
+    monkeypatch.setattr(settling, "RECEIPT_DELAY", 3600.0)  # only "half the window is finished" sends it
+    prepare(queue_name, ["first", "second", "third"])
+    consumer = _consumer(broker_url, queue_name)
+    consumer.connect(keep_receipts=True)
+    try:
+        first = consumer.take(5)
+        assert first is not None and first.body == b"first"
+        consumer.finish(first)
+        second = consumer.take(0)
+        assert second is not None and second.body == b"second"
+        consumer.service()  # the second item's command has started
+        deadline = time.monotonic() + 10
+        while consumer.acked == 0 and time.monotonic() < deadline:
+            consumer.pump(0)
+        assert consumer.acked == 1, "the first item's receipt was held back while the second ran"
+        consumer.finish(second)
+        consumer.flush()
+    finally:
+        consumer.close()
+    found = AmqpHook().item_account(queue_name)
+    assert found is not None and (found.processed, found.left, found.lost) == (2, 1, 0)
 
 
 def test_max_items_holds_when_the_window_widens_for_short_items(amqp_conn, broker_url, queue_name):

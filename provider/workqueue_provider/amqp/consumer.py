@@ -62,7 +62,7 @@ class QueueConsumer(Settling):
         self.queue_name = queue_name
         self.prefetch = prefetch
         self.initial_window = min(prefetch, initial_prefetch or prefetch)  # widened up to prefetch when starved
-        self.batch_receipts = batch_receipts  # one receipt for the items finished between two pumps
+        self.batch_receipts = batch_receipts  # items finished close together share a receipt (see _receipts_due)
         self.max_items = max_items
         self.acked = 0  # items acked as processed, over every connection
         self.rejected = 0  # items given back or dead-lettered after a failure, over every connection
@@ -76,6 +76,7 @@ class QueueConsumer(Settling):
         self._subscriptions = Subscriptions()
         self._deferred: list[int] = []  # acks held back so the broker sends no more than max_items
         self._finished: list[Delivery] = []  # work done, receipt not sent yet (batch_receipts)
+        self._finished_since = 0.0  # when the oldest of them finished
         self._confirming: dict[int, list[Delivery]] = {}  # items of each receipt sent, by publish sequence number
         self._confirming_items = 0
         self._sent = 0  # receipts published on the current ledger channel
@@ -316,7 +317,7 @@ class QueueConsumer(Settling):
         event, or with ``until`` until it holds. Raises ConsumerLost / ChannelTakenBack."""
         connection = self.connection
         assert connection is not None
-        if self._finished:
+        if self._finished and (seconds > 0 or self._receipts_due):
             self._call(self._send_receipts, ledger=True)
         if self._deferred:
             self._call(self._release_deferred)
@@ -330,6 +331,14 @@ class QueueConsumer(Settling):
             if until is None or until() or left == 0:
                 return
 
+    def service(self) -> None:
+        """Pump once if it is time: half the window is finished items (their receipts go as one), or half
+        of it or less is items at hand. With a window of 2 (items that take long) that is every item; with
+        a widened window (items shorter than the broker's round trip) receipts, acks and deliveries go in
+        batches, which is what makes such items cheap."""
+        if self._receipts_due or not self._buffer:
+            self.pump(0)
+
     def wake(self) -> None:
         """Make a :meth:`pump` in progress return at once."""
         connection = self.connection
@@ -339,12 +348,13 @@ class QueueConsumer(Settling):
 
     # -- internals ------------------------------------------------------------------------------------
     def _starved_by_receipts(self) -> bool:
-        """Nothing to work on because the window is full of finished items waiting for their receipt's
-        confirm: a window too small for the broker's confirm latency. Items that take long never get here."""
+        """Nothing to work on while half the window or more is finished items waiting for their receipt's
+        confirm and ack: a window too small for the broker's confirm and delivery latency. Items that take
+        long never get here (each one's receipt is confirmed, and the next item delivered, while the next runs)."""
         self.pump(0)
         window = self._subscriptions.window
         return (not self._buffer and self._subscriptions.active and window < self.prefetch
-                and self._confirming_items >= window - 1)
+                and self.unsettled >= max(1, window // 2))
 
     def _widen(self) -> None:
         """Double the window with one more subscription, within ``prefetch`` and the items left."""

@@ -8,6 +8,7 @@ an ack that would let the broker send more than the items left waits until items
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,8 @@ from workqueue_provider.amqp.subscriptions import Subscriptions
 
 if TYPE_CHECKING:
     from workqueue_provider.amqp.deliveries import Delivery
+
+RECEIPT_DELAY = 0.05  # seconds a finished item's receipt may wait for others to share it
 
 
 class Settling:
@@ -37,6 +40,7 @@ class Settling:
     _subscriptions: Subscriptions
     _deferred: list[int]
     _finished: list[Delivery]
+    _finished_since: float
     _confirming: dict[int, list[Delivery]]
     _confirming_items: int
     _sent: int
@@ -60,14 +64,24 @@ class Settling:
         """Items finished whose receipt or ack is still on its way."""
         return len(self._finished) + self._confirming_items
 
+    @property
+    def _receipts_due(self) -> bool:
+        """Whether the finished items' receipt goes out at a pump that doesn't wait: once half the window
+        is finished items, or the oldest of them finished ``RECEIPT_DELAY`` ago (a pump that waits always
+        sends it first). Items shorter than the broker's round trip so share one receipt, confirm and ack."""
+        return bool(self._finished) and (len(self._finished) >= max(1, self._subscriptions.window // 2)
+                                         or time.monotonic() - self._finished_since >= RECEIPT_DELAY)
+
     def finish(self, delivery: Delivery) -> None:
-        """The item's work is done: its receipt goes to the ledger (now, or with ``batch_receipts`` at the
-        next pump, one receipt for all items finished since), and the item is acked once the broker
-        confirms the receipt (stored on disk). Nothing waits here. If the connection drops first, the
-        item comes back and is processed again (a duplicate, never a loss)."""
+        """The item's work is done: its receipt goes to the ledger (now, or with ``batch_receipts`` once it
+        is due, one receipt for all items finished since: :attr:`_receipts_due`), and the item is acked once
+        the broker confirms the receipt (stored on disk). Nothing waits here. If the connection drops first,
+        the item comes back and is processed again (a duplicate, never a loss)."""
         if self._ledger is None or self._ledger_gone:
             self._call(lambda: self._ack([delivery]))
             return
+        if not self._finished:
+            self._finished_since = time.monotonic()
         self._finished.append(delivery)
         if not self.batch_receipts:
             self._call(self._send_receipts, ledger=True)
