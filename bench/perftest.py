@@ -1,6 +1,6 @@
 """The fill against RabbitMQ's own load generator, PerfTest, at the same confirm window, side by side.
 
-    python bench/perftest.py            # 100,000 persistent 12-byte messages, 2 alternated rounds per queue type
+    python bench/perftest.py            # 100,000 persistent 12-byte messages, 3 alternated rounds per queue type
     python bench/perftest.py --quick    # 20,000 messages, 1 round (a smoke run)
 
 PerfTest 2.22.1 (``com.rabbitmq:perf-test`` from Maven Central) is installed into
@@ -113,7 +113,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    n, rounds = (20_000, 1) if args.quick else (100_000, 2)
+    n, rounds = (20_000, 1) if args.quick else (100_000, 3)
     perftest_classpath()
     results: dict[str, Any] = {}
     ok = True

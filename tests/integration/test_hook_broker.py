@@ -118,6 +118,32 @@ def test_depth_purge_and_delete(amqp_conn, queue_name):
     assert hook.delete_queue(queue_name) is None
 
 
+def test_a_burst_of_publishes_reaches_the_socket_in_few_writes(amqp_conn, queue_name, monkeypatch):
+    """pika writes each frame on its own (3 writes, so 3 ``send()`` calls, per message); the fill hands the
+    messages of one burst to the socket together. Every message still arrives, in order, with its id."""
+    from pika.adapters.utils import io_services_utils
+
+    from workqueue_provider.amqp import publisher
+
+    writes = []
+    original = io_services_utils._AsyncPlaintextTransport.write
+
+    def counting_write(transport, data):
+        writes.append(len(data))
+        original(transport, data)
+    monkeypatch.setattr(io_services_utils._AsyncPlaintextTransport, "write", counting_write)
+    hook = AmqpHook(amqp_conn_id=amqp_conn)
+    hook.declare_queue(QueueSpec(queue_name))
+    bodies = [f"item-{i:05d}".encode() for i in range(3000)]
+    publisher.publish(hook.settings, queue_name, bodies, total=len(bodies), message_ids=str)
+    assert len(writes) < 300, f"{len(writes)} writes for 3,000 messages: the frames were not written together"
+    channel = open_connection(hook.settings).channel()
+    got = [channel.basic_get(queue_name, auto_ack=True) for _ in range(len(bodies))]
+    assert [body for _m, _p, body in got] == bodies
+    assert [properties.message_id for _m, properties, _b in got] == [str(i) for i in range(len(bodies))]
+    channel.connection.close()
+
+
 def broker_connections_of_this_process() -> set[int]:
     """This process's connections as the broker lists them: the broker's peer ports that are local ports of
     this process's sockets to it. Other clients of the shared broker neither add to nor hide from it."""
