@@ -67,7 +67,6 @@ EXIT_CANNOT_RUN = 127  # the command could not be started (as a shell says)
 STOP_GRACE_SECONDS = 25.0  # how long a signalled command may finish its item (pods get 30 s by default)
 PREFETCH = 2  # the item being worked on and the next one ...
 MAX_PREFETCH = 32  # ... plus finished items waiting for their receipt's confirm, when items are that short
-NEXT_ITEM_WAIT = 0.05  # seconds to wait for a delivery before asking the queue whether it is empty
 
 
 @dataclass(frozen=True)
@@ -178,10 +177,9 @@ class _Worker:
             return True
         if consumer.exhausted:
             return True
-        delivery = consumer.take(0) or consumer.take(NEXT_ITEM_WAIT)  # a quorum queue delivers ~1 ms after an ack
+        delivery = consumer.next_delivery()
         if delivery is None:
             if consumer.queue_is_empty():
-                consumer.flush()
                 log.info("Queue %r is empty; %d item(s) processed.", self.options.queue, consumer.acked)
                 return True
             return False  # items ready but not here yet (our prefetch is full of items being acked)

@@ -41,7 +41,6 @@ from workqueue_provider.worker.consume import (
     EXIT_BROKER,
     EXIT_CONFIG,
     EXIT_REQUEUED,
-    NEXT_ITEM_WAIT,
     ConsumeResult,
     check_dead_letter_exchange,
 )
@@ -148,7 +147,7 @@ class WorkItems:
                 elif consumer.exhausted:
                     break
                 else:
-                    delivery = consumer.take(0) or consumer.take(NEXT_ITEM_WAIT)
+                    delivery = consumer.next_delivery()
                     if delivery is None:
                         if consumer.queue_is_empty():
                             log.info("Queue %r is empty.", self.queue)
