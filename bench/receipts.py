@@ -113,7 +113,7 @@ def main() -> int:
     overhead = per_item["with receipts"] / per_item["without"] - 1
     print(f"workqueue-consume --drain, {items} items, `sh -c 'cat >/dev/null'` per item: "
           f"{per_item['with receipts']:.2f} ms/item with receipts, {per_item['without']:.2f} without: "
-          f"+{per_item['with receipts'] - per_item['without']:.2f} ms/item ({overhead:+.0%} on the shortest item)")
+          f"{per_item['with receipts'] - per_item['without']:+.2f} ms/item ({overhead:+.0%} on the shortest item)")
     ledger = ledger_read(LEDGER_RECEIPTS // (10 if args.quick else 1))
     print(f"reading a ledger of {ledger['receipts']:,} receipts: {ledger['seconds']} s, "
           f"peak RSS +{ledger['peak_rss_growth_mb']} MB")
