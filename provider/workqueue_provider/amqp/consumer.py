@@ -243,11 +243,7 @@ class QueueConsumer(Settling):
         moment for deliveries on their way). So the end of a queue costs that settling and ~10 ms."""
         delivery = self.take(0)
         if delivery is None and self.unsettled:
-            self._waiting = True
-            try:
-                self.pump(SETTLING_PATIENCE, until=lambda: bool(self._buffer) or not self.unsettled)
-            finally:
-                self._waiting = False
+            self.wait_until(SETTLING_PATIENCE, lambda: bool(self._buffer) or not self.unsettled)
             delivery = self.take(0) or self.take(DELIVERY_LATENCY)
         return delivery
 
@@ -266,11 +262,7 @@ class QueueConsumer(Settling):
             nonlocal count
             count = self._subscriptions.cancel_all(self._channel, on_cancelled)
         self._call(cancel)
-        self._waiting = True
-        try:
-            self.pump(5.0, until=lambda: len(cancelled) >= count)
-        finally:
-            self._waiting = False
+        self.wait_until(5.0, lambda: len(cancelled) >= count)
 
     def queue_is_empty(self) -> bool:
         """No item delivered to us and none ready in the queue (items other workers hold are not counted)."""
@@ -323,9 +315,14 @@ class QueueConsumer(Settling):
 
     def _wait_for_items(self, seconds: float) -> None:
         """Handle broker traffic for up to ``seconds``, returning early when an item arrives."""
+        self.wait_until(seconds, lambda: bool(self._buffer))
+
+    def wait_until(self, seconds: float, until: Callable[[], bool]) -> None:
+        """Handle broker traffic until ``until`` holds or ``seconds`` pass; the callbacks that can make it
+        hold (a delivery, a confirm) wake the wait at once."""
         self._waiting = True
         try:
-            self.pump(seconds, until=lambda: bool(self._buffer))
+            self.pump(seconds, until=until)
         finally:
             self._waiting = False
 
@@ -351,10 +348,9 @@ class QueueConsumer(Settling):
                 return
 
     def service(self) -> None:
-        """Pump once if it is time: half the window is finished items (their receipts go as one), or half
-        of it or less is items at hand. With a window of 2 (items that take long) that is every item; with
-        a widened window (items shorter than the broker's round trip) receipts, acks and deliveries go in
-        batches, which is what makes such items cheap."""
+        """Pump once if it is time: the finished items' receipt is due, or no item is at hand. With a
+        window of 2 (items that take long) that is every item; with a widened window (items shorter than
+        the broker's round trip) receipts, acks and deliveries go in batches, which makes such items cheap."""
         if self._receipts_due or not self._buffer:
             self.pump(0)
 

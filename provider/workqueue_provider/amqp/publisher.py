@@ -56,9 +56,8 @@ class _OneWriteConnection(pika.SelectConnection):
         try:
             yield
         finally:
-            held, self._held = self._held, None
-            if held:
-                self._adapter_emit_data(b"".join(held))
+            self._emit_held()
+            self._held = None
 
     def _output_marshaled_frames(self, marshaled_frames) -> None:  # pika's one place frames leave by
         held = self._held
@@ -71,9 +70,13 @@ class _OneWriteConnection(pika.SelectConnection):
             held.append(marshaled)
             self._held_bytes += len(marshaled)
         if self._held_bytes >= WRITE_BYTES:
-            self._adapter_emit_data(b"".join(held))
-            held.clear()
-            self._held_bytes = 0
+            self._emit_held()
+
+    def _emit_held(self) -> None:
+        if self._held:
+            self._adapter_emit_data(b"".join(self._held))
+            self._held.clear()
+        self._held_bytes = 0
 
 
 @dataclass

@@ -50,6 +50,7 @@ class Settling:
         @property
         def remaining(self) -> int | None: ...
         def pump(self, seconds: float, until: Callable[[], bool] | None = None) -> None: ...
+        def wait_until(self, seconds: float, until: Callable[[], bool]) -> None: ...
         def wake(self) -> None: ...
         def _call(self, action: Callable[[], Any], *, ledger: bool = False) -> None: ...
         queue_name: str
@@ -88,12 +89,8 @@ class Settling:
 
     def flush(self) -> None:
         """Wait until every finished item is acked. Raises ConsumerLost / ChannelTakenBack."""
-        self._waiting = True
-        try:
-            while self.unsettled:
-                self.pump(1.0, until=lambda: not self.unsettled)
-        finally:
-            self._waiting = False
+        while self.unsettled:
+            self.wait_until(1.0, lambda: not self.unsettled)
 
     def reject(self, delivery: Delivery, *, requeue: bool) -> None:
         """Give the item back (``requeue``), or let the queue dead-letter it (or drop it without a DLX)."""
