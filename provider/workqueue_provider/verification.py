@@ -17,6 +17,7 @@ from workqueue_provider.exceptions import JobError, QueueNotFoundError
 from workqueue_provider.hooks.amqp import AmqpHook
 
 IN_FLIGHT_GRACE_SECONDS = 90.0  # the longest a terminating pod holds an item: its grace period, and then some
+LOSS_RECHECK_SECONDS = 20.0  # how long a loss must persist to be believed (see settled_account)
 
 
 class Log(Protocol):
@@ -51,7 +52,7 @@ def _verify_queue(job_name: str, verification: Verification, log: Log) -> dict[s
     assert queue is not None
     amqp = verification.amqp
     try:
-        account = _settled_account(amqp, queue, verification.dead_letter_queue, log)
+        account = settled_account(amqp, queue, verification.dead_letter_queue, log)
     except QueueNotFoundError as e:
         raise JobError(f"Job {job_name} completed, but its queue {queue!r} is gone, so the work can't be verified.") from e
     if account is None or not account.kept:
@@ -74,20 +75,30 @@ def _verify_queue(job_name: str, verification: Verification, log: Log) -> dict[s
             "dead_letter_queue": verification.dead_letter_queue, "account": account.as_dict()}
 
 
-def _settled_account(amqp: AmqpHook, queue: str, dead_letter_queue: str | None, log: Log) -> Account | None:
-    """The account once no consumer holds an item of the queue: items still held (unacked) by pods of an
-    earlier, deleted Job count as neither left nor processed until those pods let go. Waits up to
-    :data:`IN_FLIGHT_GRACE_SECONDS` for that, then takes the account as it is."""
-    deadline = time.monotonic() + IN_FLIGHT_GRACE_SECONDS
+def settled_account(amqp: AmqpHook, queue: str, dead_letter_queue: str | None, log: Log) -> Account | None:
+    """The account once no consumer holds an item of the queue, and a loss once it persists.
+
+    Items still held (unacked) by pods of an earlier, deleted Job count as neither left nor processed
+    until those pods let go: waits up to :data:`IN_FLIGHT_GRACE_SECONDS` while the queue has consumers.
+    A broker that has just restarted counts the items its old consumers held the same way for a few
+    seconds, with no consumer left, until its queues recover them: a loss is believed once it has lasted
+    :data:`LOSS_RECHECK_SECONDS`. After that the account is taken as it is."""
+    started = time.monotonic()
     while True:
         account = amqp.item_account(queue, dead_letter_queue)
-        if account is None or account.complete or time.monotonic() > deadline:
+        waited = time.monotonic() - started
+        if account is None or account.complete:
             return account
         consumers = amqp.queue_depth(queue).consumers
-        if not consumers:
+        if consumers and waited < IN_FLIGHT_GRACE_SECONDS:
+            log.info("%d consumer(s) still hold items of queue %r (pods of an earlier Job?): waiting for them to "
+                     "finish or let go before the account is taken (%s).", consumers, queue, account.describe())
+        elif account.lost and waited < LOSS_RECHECK_SECONDS:
+            log.info("%d item(s) of queue %r are unaccounted for (%s): reading again, as a broker that has just "
+                     "restarted gives back the items its old consumers held within seconds.",
+                     account.lost, queue, account.describe())
+        else:
             return account
-        log.info("%d consumer(s) still hold items of queue %r (pods of an earlier Job?): waiting for them to finish "
-                 "or let go before the account is taken (%s).", consumers, queue, account.describe())
         time.sleep(2)
 
 

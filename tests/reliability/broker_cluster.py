@@ -114,6 +114,24 @@ class BrokerCluster:
                 raise AssertionError(f"the cluster did not re-form within {timeout} s")
             time.sleep(0.5)
 
+    def mend(self, timeout: float = 120) -> bool:
+        """The cluster whole again; True if that took restarting every node. A partition that ``autoheal``
+        didn't mend within ``timeout`` (seen on RabbitMQ 4.0 after a node paused past net_ticktime) is
+        ended the way an operator ends it: every node SIGKILLed (a partitioned node may not stop cleanly)
+        and started again on its data, all at once (a clustered node waits for its peers on boot)."""
+        try:
+            self.wait_until_clustered(timeout)
+            return False
+        except AssertionError:
+            pass
+        for node in self.nodes:
+            if node.process is not None and node.process.poll() is None:
+                node.signal(signal.SIGCONT)
+                node.kill()
+        self.each(lambda node: node.restart())
+        self.wait_until_clustered(timeout)
+        return True
+
     def kill(self, index: int) -> None:
         self.nodes[index].kill()
 

@@ -4,6 +4,7 @@ an outage longer than the pods' window fails the run clearly and keeps every unp
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -15,6 +16,7 @@ from tests.reliability.test_job_faults import job_op, worker_script
 from workqueue_provider.exceptions import JobError
 from workqueue_provider.hooks.amqp import AmqpHook
 from workqueue_provider.operators.queue import DeclareQueueOperator, FillQueueOperator
+from workqueue_provider.verification import settled_account
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.both_brokers]
 ITEMS = [f"item-{i:02d}" for i in range(20)]
@@ -110,6 +112,8 @@ def test_an_outage_longer_than_the_window_fails_clearly_and_keeps_the_items(priv
     error = outcome.get("error")
     assert isinstance(error, JobError), outcome
     assert "BackoffLimitExceeded" in str(error) and "exited 69" in str(error)
-    found = AmqpHook(amqp_conn_id=private_conn).item_account(queue)
-    assert found is not None and found.lost == 0 and found.left > 0
+    # taken as QueueJobOperator takes it: the restarted broker may count an item its old consumers held
+    # as neither processed nor left for a few seconds
+    found = settled_account(AmqpHook(amqp_conn_id=private_conn), queue, None, logging.getLogger(__name__))
+    assert found is not None and found.lost == 0 and found.left > 0, found
     assert found.processed + found.left == len(ITEMS)

@@ -196,12 +196,14 @@ class FakeAmqpHook:
                  accounts: list[Account | None] | None = None) -> None:
         self.depth = QueueDepth("q", ready, consumers)
         self.accounts = list(accounts or [account])  # successive reads; the last one stays
+        self.reads = 0
         self.settings = SimpleNamespace(url=lambda host=None, port=None: "amqp://user:secret@broker:5672/%2F")
 
     def queue_depth(self, queue_name: str, *, checked: bool = False) -> QueueDepth:
         return self.depth
 
     def item_account(self, queue_name: str, dead_letter_queue: str | None = None) -> Account | None:
+        self.reads += 1
         return self.accounts.pop(0) if len(self.accounts) > 1 else self.accounts[0]
 
 
