@@ -1,6 +1,6 @@
 """Per-item cost of the worker side, side by side in one run, on the same queue type (quorum).
 
-    python bench/consumer.py            # 2,000 items per process-per-item run, 20,000 in process; 3 alternated rounds
+    python bench/consumer.py            # 3,000 items per process-per-item run (as in issue 15), 20,000 in process; 5 alternated rounds
     python bench/consumer.py --quick    # 300 / 5,000 items, 1 round (a smoke run)
 
 1. ``workqueue-consume --drain`` and ``workqueue-consume -c N`` vs ``amqp-consume -c N`` (Debian
@@ -173,7 +173,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    n, n_fast, rounds = (300, 5_000, 1) if args.quick else (2_000, 20_000, 3)
+    n, n_fast, rounds = (300, 5_000, 1) if args.quick else (3_000, 20_000, 5)
     ensure_amqp_tools()
     rates: dict[str, list[float]] = {k: [] for k in ("drain", "c_n", "amqp_consume", "in_process", "perftest")}
     ratios: dict[str, list[float]] = {k: [] for k in TARGETS}

@@ -19,7 +19,8 @@ reaches the broker only through :class:`QueueConsumer`; pika stays in this packa
 - "The queue is empty" is believed only from a queue that answers: a quorum queue whose leader is
   paused or lost reads 0 messages and 0 consumers, so a reading that doesn't count our own confirmed
   subscription is asked again (see :meth:`QueueConsumer._ready_messages`), and a reading right
-  after a reconnect must still hold a few seconds later.
+  after a reconnect must still hold a few seconds later. Items the queue sent us before it read 0
+  are taken first: a round trip on the consuming channel brings them (no fixed wait).
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ from workqueue_provider.amqp.settling import Settling
 from workqueue_provider.amqp.subscriptions import Subscriptions
 from workqueue_provider.exceptions import BrokerError, QueueNotFoundError
 
-EMPTY_RECHECK = 0.05  # seconds to wait for a delivery after the broker said the queue holds none
 SETTLING_PATIENCE = 5.0  # seconds to wait for finished items to settle before asking the queue anyway
 DELIVERY_LATENCY = 0.01  # seconds to wait for the items the broker sends once they have (~1 ms on a quorum queue)
 AFTER_RECONNECT_SECONDS = 5.0  # after a reconnect, "the queue is empty" must still hold this long after
@@ -239,8 +239,8 @@ class QueueConsumer(Settling):
     def next_delivery(self) -> Delivery | None:
         """The next item, if one is at hand or comes while the finished items settle (receipt confirmed,
         acked) or just after (the broker sends more once they are); None if none came by then, when the
-        window is all credit, so :meth:`queue_is_empty` tells "none left" from "not here yet" (it waits a
-        moment for deliveries on their way). So the end of a queue costs that settling and ~10 ms."""
+        window is all credit, so :meth:`queue_is_empty` tells "none left" from "not here yet" (it takes the
+        deliveries on their way first). So the end of a queue costs that settling and ~10 ms."""
         delivery = self.take(0)
         if delivery is None and self.unsettled:
             self.wait_until(SETTLING_PATIENCE, lambda: bool(self._buffer) or not self.unsettled)
@@ -272,7 +272,7 @@ class QueueConsumer(Settling):
         ready = self._ready_messages()
         if ready is None:
             return False  # an item arrived while the queue was not answering
-        self._wait_for_items(EMPTY_RECHECK)  # a message another worker just handed back may still be on its way
+        self._await_deliveries_sent()
         if ready == 0 and not self._buffer and time.monotonic() < self._distrust_empty_until:
             # A quorum queue between leaders (its node was just lost) reads 0 messages for a moment: an
             # empty reading right after a reconnect is trusted only once it is still empty a little later.
@@ -312,6 +312,21 @@ class QueueConsumer(Settling):
             self._wait_for_items(LEADERLESS_RECHECK)
             if self._buffer:
                 return None
+
+    def _await_deliveries_sent(self) -> None:
+        """Take the items the queue sent us before it answered a reading: they are here once the consuming
+        channel answers a request sent after that reading (a ``basic.qos``: every subscription sets its
+        own before it consumes), as the broker handles a channel's messages in order. Items a cluster's
+        other node relays (its quorum queue member beside our connection) get ``DELIVERY_LATENCY`` more."""
+        answered: list[Any] = []
+
+        def barrier(_frame: Any) -> None:
+            answered.append(True)
+            self.wake()
+        self._call(lambda: self._channel.basic_qos(prefetch_count=1, callback=barrier))
+        self.wait_until(self.settings.socket_timeout, lambda: bool(answered))
+        if not self._buffer:
+            self._wait_for_items(DELIVERY_LATENCY)
 
     def _wait_for_items(self, seconds: float) -> None:
         """Handle broker traffic for up to ``seconds``, returning early when an item arrives."""
