@@ -1,6 +1,6 @@
 """Per-item cost of the worker side, side by side in one run, on the same queue type (quorum).
 
-    python bench/consumer.py            # 3,000 items per process-per-item run (as in issue 15), 20,000 in process; 5 alternated rounds
+    python bench/consumer.py            # 3,000 items per process-per-item run (as issue 15), 20,000 in process; 5 rounds
     python bench/consumer.py --quick    # 300 / 5,000 items, 1 round (a smoke run)
 
 1. ``workqueue-consume --drain`` and ``workqueue-consume -c N`` vs ``amqp-consume -c N`` (Debian
