@@ -33,7 +33,7 @@ test: background-builds broker
 ## (both hold a lock), and a failure there still fails the pass that needs them.
 background-builds:
 	@mkdir -p "$(WORKQUEUE_CACHE)"; \
-	nohup bash tests/cluster/build.sh > "$(WORKQUEUE_CACHE)/control-plane-build.log" 2>&1 & \
+	nohup bash localkube/src/localkube/build.sh > "$(WORKQUEUE_CACHE)/control-plane-build.log" 2>&1 & \
 	nohup scripts/test-compat.sh --venv-only > "$(WORKQUEUE_CACHE)/compat-venv.log" 2>&1 &
 
 ## make test-rabbitmq4: the broker-side tests (integration, reliability, TLS) against RabbitMQ 4.0:
@@ -64,7 +64,7 @@ demo: broker
 
 ## make cluster: start the local control plane in the foreground; prints the kubeconfig path.
 cluster:
-	@venv="$(VENV)"; "$$venv/bin/python" tests/cluster/local_cluster.py up --kubeconfig-out "$(WORKQUEUE_CACHE)/local-cluster/kubeconfig"
+	@venv="$(VENV)"; "$$venv/bin/python" scripts/cluster.py up --kubeconfig-out "$(WORKQUEUE_CACHE)/local-cluster/kubeconfig"
 
 ## make dist: the sdist and wheel a release would upload (the package is not on PyPI), into dist/,
 ## checked with `twine check`. Install the wheel with `pip install dist/airflow_provider_workqueue-*.whl`.
@@ -92,4 +92,4 @@ bench: broker
 	exit $$status
 
 lint:
-	@venv="$(VENV)"; "$$venv/bin/ruff" check provider tests dags bench && "$$venv/bin/mypy"
+	@venv="$(VENV)"; "$$venv/bin/ruff" check provider localkube tests dags bench scripts && "$$venv/bin/mypy"

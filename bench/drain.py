@@ -32,6 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cluster_common import (  # noqa: E402
+    REPO,
     WORKER_ENV,
     bench_queue,
     check_lines,
@@ -92,9 +93,9 @@ def main() -> int:
     items = 200 if a.quick else a.items
     per_pod_items = items if a.full else (50 if a.quick else min(a.per_pod_items, items))
 
-    from tests.cluster.local_cluster import LocalCluster
+    from localkube import LocalCluster
 
-    with LocalCluster(images={IMAGE: {"entrypoint": WORKER, "env": WORKER_ENV}}) as cluster, \
+    with LocalCluster(images={IMAGE: {"entrypoint": WORKER, "env": WORKER_ENV}}, repo=REPO) as cluster, \
             tempfile.TemporaryDirectory(prefix="bench-drain-") as tmp:
         print(f"drain: control plane up in {cluster.startup_seconds:.1f} s", flush=True)
         set_kube_conn("kubernetes_default", cluster.kubeconfig)

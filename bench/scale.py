@@ -209,13 +209,13 @@ def main() -> int:
     parser.add_argument("--reference-items", type=int, default=8)
     a = parser.parse_args()
 
-    from tests.cluster.local_cluster import LocalCluster
+    from localkube import LocalCluster
 
     runs: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         out = Path(tmp) / "processed.bin"
         worker = ["sh", "-c", f"exec {{venv_bin}}/workqueue-consume dd of={out} oflag=append conv=notrunc status=none"]
-        with LocalCluster(images={IMAGE: {"entrypoint": worker, "env": WORKER_ENV}}) as cluster:
+        with LocalCluster(images={IMAGE: {"entrypoint": worker, "env": WORKER_ENV}}, repo=REPO) as cluster:
             print(f"scale: control plane up in {cluster.startup_seconds:.1f} s", flush=True)
             for label, count in (("reference", a.reference_items), ("scale", a.items)):
                 out.unlink(missing_ok=True)

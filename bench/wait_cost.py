@@ -125,7 +125,7 @@ def main() -> int:
     from airflow.providers.cncf.kubernetes.triggers.job import KubernetesJobTrigger  # noqa: F401  (import before timing)
     from kubernetes import client
 
-    from tests.cluster.local_cluster import LocalCluster
+    from localkube import LocalCluster
     from workqueue_provider.hooks.kubernetes_async import WATCH_SECONDS  # noqa: F401
     from workqueue_provider.triggers.job import JobCompleteTrigger  # noqa: F401
 

@@ -1,6 +1,6 @@
 """`make demo`: run the example DAG end to end with `airflow dags test`.
 
-Without KUBECONFIG it starts the local control plane (tests/cluster: real kube-apiserver,
+Without KUBECONFIG it starts the local control plane (localkube: real kube-apiserver,
 kube-controller-manager and etcd; pods run as local processes) and uses the local RabbitMQ; with
 KUBECONFIG it uses that cluster, and the broker named by AIRFLOW_CONN_AMQP_DEFAULT (the DAG's
 first task starts one in the cluster if none answers).
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # `python scripts/demo.py`: tests.cluster (the local control plane) is importable
+sys.path.insert(0, str(REPO))  # `python scripts/demo.py`: scripts.cluster (the example's image) is importable
 DAG_ID = "work_queue_example"
 LOCAL_BROKER = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -74,11 +74,12 @@ def control_plane() -> Iterator[tuple[str, Any]]:
     if os.environ.get("KUBECONFIG"):
         yield os.environ["KUBECONFIG"].split(os.pathsep)[0], None
         return
-    from tests.cluster.local_cluster import EXAMPLE_IMAGES, LocalCluster
+    from localkube import LocalCluster
+    from scripts.cluster import EXAMPLE_IMAGES
 
     print("demo: starting the local control plane (kube-apiserver, kube-controller-manager, etcd, node agent)...",
           flush=True)
-    with LocalCluster(images=EXAMPLE_IMAGES) as cluster:
+    with LocalCluster(images=EXAMPLE_IMAGES, repo=REPO) as cluster:
         print(f"demo: control plane ready in {cluster.startup_seconds:.1f} s; kubeconfig {cluster.kubeconfig}", flush=True)
         yield str(cluster.kubeconfig), cluster
 
@@ -112,7 +113,7 @@ def dag_run_succeeded(result: subprocess.CompletedProcess) -> bool:
 
 def print_next_commands(cluster: Any, kubeconfig: str, namespace: str) -> None:
     """What to run next, so nobody has to read this script to continue."""
-    from tests.cluster.local_cluster import MAKE_CLUSTER_KUBECONFIG, next_commands
+    from scripts.cluster import MAKE_CLUSTER_KUBECONFIG, next_commands
 
     if cluster is None:
         print("demo: next, against the cluster in KUBECONFIG:", flush=True)

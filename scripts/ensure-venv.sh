@@ -7,7 +7,7 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cache=${WORKQUEUE_CACHE:-$HOME/.cache/workqueue}
 python=${PYTHON:-python3.11}
-key=$( (sha256sum "$repo/pyproject.toml" | cut -c1-12; echo "$repo") | sha256sum | cut -c1-16)
+key=$( (sha256sum "$repo/pyproject.toml" "$repo/localkube/pyproject.toml" | cut -c1-12; echo "$repo") | sha256sum | cut -c1-16)
 venv="$cache/venvs/$key"
 mkdir -p "$cache/venvs"
 exec 9>"$cache/venvs/.lock"  # one creator at a time: parallel callers wait, then find it ready
@@ -18,7 +18,7 @@ if [ ! -x "$venv/bin/python" ] || [ ! -f "$venv/.installed" ]; then
   rm -rf "$venv"
   "$python" -m venv "$venv"
   "$venv/bin/pip" install -q --upgrade pip >&2
-  "$venv/bin/pip" install -q -e "$repo[dev]" >&2
+  "$venv/bin/pip" install -q -e "$repo[dev]" -e "$repo/localkube" >&2  # localkube: the local cluster (tests, demo)
   echo "$repo" > "$venv/.installed"
 fi
 echo "$venv"

@@ -7,7 +7,7 @@ cache=${WORKQUEUE_CACHE:-$HOME/.cache/workqueue}
 python=${PYTHON:-python3.11}
 airflow_version=${COMPAT_AIRFLOW_VERSION:-3.1.8}
 constraints="$repo/scripts/compat-constraints.txt"  # a resolved Airflow 3.1.8 set: fast, repeatable installs
-key=$( (sha256sum "$repo/pyproject.toml" "$constraints"; echo "$repo $airflow_version") | sha256sum | cut -c1-16)
+key=$( (sha256sum "$repo/pyproject.toml" "$repo/localkube/pyproject.toml" "$constraints"; echo "$repo $airflow_version") | sha256sum | cut -c1-16)
 venv="$cache/venvs/compat-$key"
 mkdir -p "$cache/venvs"
 exec 9>"$cache/venvs/.compat-lock"  # one creator at a time (make test starts one in the background)
@@ -17,7 +17,7 @@ if [ ! -f "$venv/.installed" ]; then
   rm -rf "$venv"
   "$python" -m venv "$venv"
   "$venv/bin/pip" install -q --upgrade pip >&2
-  "$venv/bin/pip" install -q -c "$constraints" "apache-airflow==$airflow_version" -e "$repo[dev]" >&2
+  "$venv/bin/pip" install -q -c "$constraints" "apache-airflow==$airflow_version" -e "$repo[dev]" -e "$repo/localkube" >&2
   echo "$repo" > "$venv/.installed"
 fi
 "$venv/bin/python" -c "import airflow; assert airflow.__version__ == '$airflow_version', airflow.__version__"

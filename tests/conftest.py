@@ -34,7 +34,7 @@ os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="workqueue-airflow
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(REPO / "dags"))
 
-pytest_plugins = ["tests.cluster.pytest_plugin"]
+# the session-scoped `local_cluster` fixture comes from localkube's pytest plugin (installed with it)
 
 
 @pytest.fixture(scope="session")

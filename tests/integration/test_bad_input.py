@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.cluster.local_cluster import free_port
+from localkube import free_port
 from tests.conftest import task_context
 from workqueue_provider.amqp import queues
 from workqueue_provider.amqp.connection import BrokerSettings, open_connection

@@ -8,7 +8,7 @@ every node accepts the Secret's credentials; running it again changes nothing (a
 don't answer: every object, the Erlang cookie Secret too, is kept, and the wait names each pod's state);
 and a StatefulSet of another size is refused before anything is created.
 
-What it does NOT prove, and why (the local node agent, tests/cluster, runs each pod as a host process):
+What it does NOT prove, and why (the local node agent, localkube, runs each pod as a host process):
 
 * that the nodes form one cluster. Peer discovery needs each node's DNS name
   (``rabbitmq-0.rabbitmq-nodes.<ns>.svc.cluster.local``), and this node has no cluster DNS; all pods
@@ -37,7 +37,7 @@ import pika
 import pytest
 import structlog.testing
 
-from tests.cluster.local_cluster import free_port
+from localkube import free_port
 from tests.conftest import task_context
 from tests.integration import test_broker_start as one_node
 from tests.integration.test_broker_start import clients, create_namespace, delete_namespace, objects_in, secret_credentials
@@ -80,7 +80,7 @@ def register_local_nodes(cluster, shims: Path) -> list[int]:
         (shims / name).chmod(0o755)
     amqp_ports = [free_port() for _ in range(REPLICAS)]
     env = {"RABBITMQ_LOCAL_NODENAME": "{namespace}-{pod}@localhost", "RABBITMQ_POD_DIR": "{pod_dir}",
-           "RABBITMQ_LOCAL_SCRIPT": "{repo}/tests/cluster/images/rabbitmq-local.sh",
+           "RABBITMQ_LOCAL_SCRIPT": "{repo}/localkube/src/localkube/images/rabbitmq-local.sh",
            "PATH": f"{shims}{os.pathsep}{{venv_bin}}{os.pathsep}{os.environ['PATH']}"}  # as the agent's, shims first
     for i, port in enumerate(amqp_ports):
         env |= {f"RABBITMQ_NODE_PORT_{i}": str(port), f"RABBITMQ_DIST_PORT_{i}": str(free_port())}

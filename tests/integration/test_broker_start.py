@@ -1,7 +1,7 @@
 """EnsureBrokerOperator on the real control plane, with a real local rabbitmq-server as the broker pod.
 
 The node agent runs the StatefulSet's ``rabbitmq`` image as a private rabbitmq-server node
-(tests/cluster/images/rabbitmq-local.sh) on a free AMQP port; the Airflow connection points at
+(localkube/src/localkube/images/rabbitmq-local.sh) on a free AMQP port; the Airflow connection points at
 127.0.0.1:<that port> (the pod's address on the local node). The main test broker on 5672 stands for
 "a broker already answers".
 """
@@ -18,7 +18,7 @@ import pika
 import pytest
 import structlog.testing
 
-from tests.cluster.local_cluster import free_port
+from localkube import free_port
 from tests.conftest import task_context
 from workqueue_provider.exceptions import (
     BrokerUnreachableError,
@@ -32,7 +32,7 @@ from workqueue_provider.operators.broker import EnsureBrokerOperator
 
 pytestmark = [pytest.mark.cluster, pytest.mark.integration]
 
-LOCAL_RABBITMQ_SCRIPT = "{repo}/tests/cluster/images/rabbitmq-local.sh"
+LOCAL_RABBITMQ_SCRIPT = "{repo}/localkube/src/localkube/images/rabbitmq-local.sh"
 
 
 def register_local_rabbitmq(cluster) -> int:

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.cluster.local_cluster import free_port
+from localkube import free_port
 
 RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")  # the host's, and the rootfs's (as seen inside it)
 STARTUP_TIMEOUT = 120

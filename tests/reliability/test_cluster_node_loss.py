@@ -157,7 +157,7 @@ def test_queues_declared_on_the_cluster_are_quorum_queues_on_every_node(rabbit, 
 def test_airflow_side_calls_fail_over_past_a_node_that_does_not_answer(rabbit, monkeypatch, caplog):
     """The connection's first node doesn't answer (nothing listens there): declare, fill, depth, the
     account and test_connection all go through the next node, and the log says so."""
-    from tests.cluster.local_cluster import free_port
+    from localkube import free_port
 
     name = queue()
     dead = f"127.0.0.1:{free_port()},"

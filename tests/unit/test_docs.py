@@ -187,7 +187,7 @@ def test_the_next_commands_point_kubectl_and_airflow_at_the_cluster(tmp_path):
     """What `make cluster` and `make demo` print: the Kubernetes connection URI must carry the kubeconfig path."""
     from airflow.models.connection import Connection
 
-    from tests.cluster.local_cluster import next_commands
+    from scripts.cluster import next_commands
 
     kubeconfig = tmp_path / "a dir" / "kubeconfig"
     commands = next_commands(kubeconfig, kubectl="/bin/kubectl")

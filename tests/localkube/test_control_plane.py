@@ -13,9 +13,9 @@ import pytest
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 
-from tests.cluster.images import normalize
-from tests.cluster.local_cluster import MARK_ID, LocalCluster, free_port, marked_pids, pid_alive
-from tests.cluster.node_agent import expand
+from localkube import MARK_ID, LocalCluster, free_port, marked_pids, pid_alive
+from localkube.images import normalize
+from localkube.node_agent import expand
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(120)]
 

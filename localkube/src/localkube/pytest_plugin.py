@@ -1,6 +1,6 @@
 """pytest plugin: a session-scoped ``local_cluster`` fixture (a started LocalCluster).
 
-Enable with ``pytest_plugins = ["tests.cluster.pytest_plugin"]`` in tests/conftest.py.
+Registered through the ``pytest11`` entry point: installing localkube enables it.
 
 The control plane is built (``build.sh``, a no-op when the cache is warm) right
 after collection when any collected test uses the fixture, so the cold build does
@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.cluster.local_cluster import ClusterError, LocalCluster, ensure_built
+from localkube.build import ensure_built
+from localkube.cluster import LocalCluster
+from localkube.errors import ClusterError
 
 _build: dict = {}
 
@@ -30,12 +32,13 @@ def pytest_collection_finish(session):
 
 
 @pytest.fixture(scope="session")
-def local_cluster():
-    """A running LocalCluster (admin kubeconfig: ``local_cluster.kubeconfig``)."""
+def local_cluster(pytestconfig):
+    """A running LocalCluster (admin kubeconfig: ``local_cluster.kubeconfig``); ``{repo}`` in image
+    entries names pytest's root directory."""
     if "error" in _build:
         raise ClusterError(f"building the local control plane failed: {_build['error']}")
     bin_dir = _build.get("bin_dir") or ensure_built()
-    cluster = LocalCluster(bin_dir=bin_dir)
+    cluster = LocalCluster(bin_dir=bin_dir, repo=pytestconfig.rootpath)
     cluster.start()
     try:
         yield cluster

@@ -67,15 +67,11 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent.parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+from kubernetes.client.rest import ApiException
 
-import images as image_table  # noqa: E402
-from kubernetes import client as k8s  # noqa: E402
-from kubernetes import config as k8s_config  # noqa: E402
-from kubernetes.client.rest import ApiException  # noqa: E402
+from localkube import images as image_table
 
 log = logging.getLogger("node_agent")
 
@@ -398,7 +394,7 @@ class PodWorker(threading.Thread):
 
     def placeholders(self, c: Container) -> dict[str, str]:
         return {
-            "repo": str(REPO),
+            "repo": self.agent.repo,
             "python": sys.executable,
             "venv_bin": self.agent.venv_bin,
             "pod_dir": str(self.pod_dir),
@@ -430,6 +426,7 @@ class PodWorker(threading.Thread):
         if spec.get("command"):
             argv = list(spec["command"]) + list(spec.get("args") or [])
         else:
+            assert entry is not None  # looked up above when the spec has no command
             ep = [self.fill(a, ph) for a in entry.get("entrypoint") or []]
             args = list(spec["args"]) if spec.get("args") else [self.fill(a, ph) for a in entry.get("cmd") or []]
             argv = ep + args
@@ -439,7 +436,7 @@ class PodWorker(threading.Thread):
         cwd = spec.get("workingDir") or self.fill((entry or {}).get("workingDir", ""), ph)
         if not cwd or not os.path.isdir(cwd):
             cwd = str(self.pod_dir)
-        # markers that let the launcher find leftover processes (see local_cluster.py)
+        # markers that let the launcher find leftover processes (see processes.py)
         env["WORKQUEUE_CLUSTER_ID"] = self.agent.cluster_id
         if "WORKQUEUE_CLUSTER_OWNER" in os.environ:
             env["WORKQUEUE_CLUSTER_OWNER"] = os.environ["WORKQUEUE_CLUSTER_OWNER"]
@@ -756,7 +753,7 @@ class PodWorker(threading.Thread):
                 self.wake.wait(5)
                 self.wake.clear()
                 continue
-            if deadline is not None and time.time() - parse_time(self.start_time) >= float(deadline):
+            if deadline is not None and self.start_time and time.time() - parse_time(self.start_time) >= float(deadline):
                 self.kill_all(0)
                 self.phase = "Failed"
                 self.reason = "DeadlineExceeded"
@@ -858,8 +855,9 @@ class LogHandler(http.server.BaseHTTPRequestHandler):
 class Agent:
     def __init__(self, kubeconfig: str, state_dir: str, node_name: str, images_files: list[str],
                  log_port: int | None = None, tls_cert: str | None = None, tls_key: str | None = None,
-                 cluster_id: str = "", api_host: str = "", api_port: int = 0):
+                 cluster_id: str = "", api_host: str = "", api_port: int = 0, repo: str = ""):
         self.api = Api(kubeconfig)
+        self.repo = str(Path(repo or os.getcwd()).resolve())  # what {repo} in an image entry names
         self.state_dir = Path(state_dir)
         self.node_name = node_name
         self.images = image_table.ImageTable(images_files)
@@ -1119,13 +1117,14 @@ def main(argv=None):
     p.add_argument("--cluster-id", default="")
     p.add_argument("--api-host", default="")
     p.add_argument("--api-port", type=int, default=0)
+    p.add_argument("--repo", default=os.getcwd(), help="what {repo} in an image entry names")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(threadName)s %(message)s")
     logging.getLogger("urllib3").setLevel(logging.WARNING)
     agent = Agent(a.kubeconfig, a.state_dir, a.node_name, a.images_file, a.log_port, a.tls_cert, a.tls_key,
-                  a.cluster_id, a.api_host, a.api_port)
+                  a.cluster_id, a.api_host, a.api_port, a.repo)
 
     def stop(signum, frame):
         agent.stopping.set()

@@ -1,9 +1,9 @@
 #!/bin/sh
-# The `rabbitmq` image for the local node agent (tests/cluster): a private rabbitmq-server node
+# The `rabbitmq` image for the local node agent (localkube): a private rabbitmq-server node
 # (Debian's 3.10) running in the foreground as the pod's process, beside the host's main node.
 #
 # Register it from a test (ports chosen free by the test):
-#   local_cluster.register_image("rabbitmq", entrypoint=["{repo}/tests/cluster/images/rabbitmq-local.sh"],
+#   local_cluster.register_image("rabbitmq", entrypoint=["{repo}/localkube/src/localkube/images/rabbitmq-local.sh"],
 #       env={"RABBITMQ_NODENAME": "{namespace}-{pod}@localhost", "RABBITMQ_POD_DIR": "{pod_dir}",
 #            "RABBITMQ_NODE_PORT": "<amqp port>", "RABBITMQ_DIST_PORT": "<distribution port>"})
 #

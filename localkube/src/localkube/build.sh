@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build kube-apiserver, kube-controller-manager, kubectl and etcd from the Go
-# module in tests/cluster/go into a per-machine cache outside the repository:
+# module in localkube/src/localkube/go into a per-machine cache outside the repository:
 #
 #   ${WORKQUEUE_CACHE:-$HOME/.cache/workqueue}/k8s/<hash>/bin/
 #

@@ -1,0 +1,5 @@
+import sys
+
+from localkube.cli import main
+
+sys.exit(main())

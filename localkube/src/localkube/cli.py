@@ -1,0 +1,174 @@
+"""``localkube``: build, start and stop the local cluster, and load images into its node.
+
+    localkube build                                          # prints the bin dir
+    localkube up [--state-file F] [--kubeconfig-out P] [--images-file T] [--repo DIR] [--detach]
+    localkube down --state-file F
+    localkube load-image NAME --state-file F --entrypoint 'sh -c "..."' [--env K=V ...] [--working-dir D]
+
+``up`` prints the admin kubeconfig's path on stdout once the node is Ready and runs until SIGINT or
+SIGTERM (``--detach``: returns then, leaving it running). Images are entries of the node agent's
+image table (see images.py); ``load-image`` adds one to a running cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from localkube.build import ensure_built
+from localkube.cluster import LocalCluster
+from localkube.images import make_entry, normalize
+from localkube.observe import write_image_table
+from localkube.processes import MARK_ID, marked_pids, pid_alive
+
+#: What ``up`` prints once the cluster is ready, beside the kubeconfig path (the workqueue project's
+#: ``make cluster`` prints its next commands here).
+Announce = Callable[[LocalCluster, str], None]
+
+
+def _announce(cluster: LocalCluster, kubeconfig: str) -> None:
+    print(f"cluster up in {cluster.startup_seconds:.1f}s: {cluster.server} (Ctrl-C stops it)", file=sys.stderr)
+    print(f"  export KUBECONFIG={kubeconfig}", file=sys.stderr)
+
+
+def up(args: argparse.Namespace, images: dict[str, dict] | None = None, announce: Announce = _announce) -> int:
+    """Start a cluster and keep it running until SIGINT/SIGTERM (or, with ``--detach``, in a process of
+    its own that this one waits for until it is ready)."""
+    if args.detach:
+        return _detach(args)
+    stop = {"flag": False}
+
+    def on_signal(signum, frame):
+        stop["flag"] = True
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    table = dict(images or {})
+    if args.images_file:
+        table.update(json.loads(Path(args.images_file).read_text()))
+    cluster = LocalCluster(images=table, repo=args.repo)
+    try:
+        cluster.start()
+        kubeconfig = cluster.kubeconfig
+        if args.kubeconfig_out:
+            Path(args.kubeconfig_out).resolve().parent.mkdir(parents=True, exist_ok=True)
+            kubeconfig = str(cluster.kubeconfig_for("admin", Path(args.kubeconfig_out).resolve()))
+        if args.state_file:
+            state = cluster.state()
+            state["kubeconfig"] = kubeconfig
+            Path(args.state_file).write_text(json.dumps(state, indent=2))
+        announce(cluster, kubeconfig)
+        print(kubeconfig, flush=True)
+        try:
+            sys.stdout.close()
+        except OSError:
+            pass
+        while not stop["flag"]:
+            time.sleep(0.2)
+            for name, p in cluster.procs.items():
+                if p.poll() is not None:
+                    print(f"{name} exited with {p.returncode}; stopping the cluster", file=sys.stderr)
+                    stop["flag"] = True
+    finally:
+        cluster.stop()
+        if args.state_file:
+            Path(args.state_file).unlink(missing_ok=True)
+        print("cluster stopped", file=sys.stderr)
+    return 0
+
+
+def _detach(args: argparse.Namespace) -> int:
+    """Run this same command without ``--detach`` in a new session; return once it printed the kubeconfig."""
+    argv = [sys.executable, sys.argv[0], *(a for a in sys.argv[1:] if a != "--detach")]
+    log_path = args.log_file or os.path.join(tempfile.gettempdir(), "localkube.log")
+    with open(log_path, "ab") as log:
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
+                             start_new_session=True, text=True)
+    assert p.stdout is not None
+    line = p.stdout.readline().strip()
+    if not line:
+        p.wait()
+        print(f"cluster failed to start (exit {p.returncode}); see {log_path}", file=sys.stderr)
+        return 1
+    print(line, flush=True)
+    return 0
+
+
+def down(args: argparse.Namespace) -> int:
+    """Stop the cluster started with ``up --state-file``: its launcher, then any process it left."""
+    try:
+        state = json.loads(Path(args.state_file).read_text())
+    except FileNotFoundError:
+        print(f"{args.state_file}: no running cluster", file=sys.stderr)
+        return 0
+    pid = state["launcher_pid"]
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + 60
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for p in marked_pids(MARK_ID, state["cluster_id"]):
+        os.kill(p, signal.SIGKILL)
+    Path(args.state_file).unlink(missing_ok=True)
+    return 0
+
+
+def load_image(args: argparse.Namespace) -> int:
+    """Add (or replace) an image in the running cluster's table: containers started from now on use it."""
+    state = json.loads(Path(args.state_file).read_text())
+    images_file = Path(state["images_file"])
+    table = json.loads(images_file.read_text())
+    env = dict(pair.split("=", 1) for pair in args.env)
+    table[normalize(args.name)] = make_entry(shlex.split(args.entrypoint), None, env, args.working_dir)
+    write_image_table(images_file, table)
+    print(f"image {args.name} loaded into the node's table ({images_file})", file=sys.stderr)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="localkube", description="a local Kubernetes control plane for tests and demos")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("build", help="build (or reuse) the binaries; prints the bin dir")
+    start = sub.add_parser("up", help="start a cluster; prints the kubeconfig path (stdout); runs until SIGINT/SIGTERM")
+    add_up_arguments(start)
+    stop = sub.add_parser("down", help="stop a cluster started with up --state-file")
+    stop.add_argument("--state-file", required=True)
+    load = sub.add_parser("load-image", help="add an image to a running cluster's node (up --state-file)")
+    load.add_argument("name")
+    load.add_argument("--state-file", required=True)
+    load.add_argument("--env", action="append", default=[], metavar="K=V")
+    load.add_argument("--working-dir")
+    load.add_argument("--entrypoint", required=True, help="the image's entrypoint and its arguments, as shell words")
+    return p
+
+
+def add_up_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state-file", help="write a JSON with kubeconfig, server, tokens, pids (removed on stop)")
+    p.add_argument("--kubeconfig-out", help="also write the admin kubeconfig here (and print this path)")
+    p.add_argument("--images-file", help="a JSON image table to load at start (see images.py)")
+    p.add_argument("--repo", default=None, help="what {repo} in an image entry names (default: the current directory)")
+    p.add_argument("--detach", action="store_true", help="return once the cluster is up, leaving it running")
+    p.add_argument("--log-file", help="with --detach: where the launcher's messages go")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "build":
+        print(ensure_built())
+        return 0
+    commands = {"up": up, "down": down, "load-image": load_image}
+    return commands[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

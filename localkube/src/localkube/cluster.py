@@ -1,0 +1,355 @@
+"""A real local Kubernetes control plane: etcd, kube-apiserver and kube-controller-manager (built from
+the Kubernetes Go modules by ``build.sh``) run as local processes on free loopback ports;
+``node_agent.py`` plays the kubelet, running pod containers as host processes. See README.md.
+
+    from localkube import LocalCluster
+    with LocalCluster() as cluster:
+        api = kubernetes.client.CoreV1Api(cluster.api_client())
+        ...
+        print(cluster.read_pod_log("default", "my-pod"))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from localkube.access import ClusterAccess
+from localkube.build import ensure_built
+from localkube.errors import ClusterError
+from localkube.observe import ClusterObservation
+from localkube.pki import generate_pki
+from localkube.processes import MARK_ID, MARK_OWNER, free_port, kill_stale_clusters, marked_pids, terminate
+
+CONTROLLERS = [
+    "job-controller",
+    "garbage-collector-controller",
+    "ttl-after-finished-controller",
+    "namespace-controller",
+    "statefulset-controller",
+    "serviceaccount-controller",
+    "replicaset-controller",
+    "deployment-controller",
+    "cronjob-controller",
+    "resourcequota-controller",  # a ResourceQuota is enforced once this has counted the namespace's usage
+]
+
+#: Users with a token in the token-auth-file.  "admin" is in system:masters;
+#: the spare users have no group and no rights until a test binds a role to
+#: them (RBAC subjects: kind User, name "user-1" ...).
+DEFAULT_USERS: dict[str, list[str]] = {
+    "admin": ["system:masters"],
+    "user-1": [],
+    "user-2": [],
+    "user-3": [],
+}
+
+#: Audit policy for LocalCluster(audit_log=True): every request at Metadata level (user, userAgent,
+#: verb, requestURI, response code; no bodies).
+AUDIT_POLICY = """apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: ["RequestReceived"]
+rules:
+- level: Metadata
+"""
+
+class LocalCluster(ClusterAccess, ClusterObservation):
+    """Context manager running a local control plane + node agent.
+
+    Attributes once started: ``kubeconfig`` (admin kubeconfig path), ``server``
+    (API server URL), ``admin_token``, ``ca_path``, ``tokens`` (user -> bearer
+    token), ``users`` (user -> groups), ``workdir`` (temp dir, removed on
+    stop), ``bin_dir``, ``kubectl_path``, ``node_name``, ``startup_seconds``.
+    """
+
+    def __init__(self, bin_dir: str | os.PathLike | None = None, *, users: dict[str, list[str]] | None = None,
+                 images: dict[str, dict] | None = None, node_name: str = "workqueue-node",
+                 workdir: str | os.PathLike | None = None, keep_workdir: bool = False,
+                 startup_timeout: float = 90.0, audit_log: bool = False, repo: str | os.PathLike | None = None):
+        self.bin_dir = Path(bin_dir) if bin_dir else None
+        self.users = {**DEFAULT_USERS, **(users or {})}
+        self._initial_images = dict(images or {})
+        self.node_name = node_name
+        self._workdir_arg = Path(workdir) if workdir else None
+        self.keep_workdir = keep_workdir
+        self.startup_timeout = startup_timeout
+        self.repo = Path(repo or os.getcwd()).resolve()  # what ``{repo}`` in an image entry names
+        self.audit_log = audit_log  # opt-in: the API server logs every request (Metadata level), see audit_events()
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.workdir: Path | None = None
+        self.cluster_id = secrets.token_hex(8)
+        self.tokens: dict[str, str] = {}
+        self.startup_seconds: float | None = None
+        self._started = False
+
+    # -- context manager
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- public properties
+    @property
+    def admin_token(self) -> str:
+        return self.tokens["admin"]
+
+    @property
+    def _work(self) -> Path:
+        """The running cluster's working directory."""
+        assert self.workdir is not None, "the cluster is not started"
+        return self.workdir
+
+    @property
+    def _bin(self) -> Path:
+        assert self.bin_dir is not None, "the cluster's binaries are not built"
+        return self.bin_dir
+
+    @property
+    def ca_path(self) -> str:
+        return str(self._work / "pki" / "ca.crt")
+
+    @property
+    def kubectl_path(self) -> str:
+        return str(self._bin / "kubectl")
+
+    @property
+    def log_dir(self) -> Path:
+        """Container logs: <log_dir>/<namespace>/<pod>/<container>.log"""
+        return self._work / "node" / "logs"
+
+    # -- start
+    def start(self) -> LocalCluster:
+        if self._started:
+            return self
+        t0 = time.monotonic()
+        kill_stale_clusters()
+        if self.bin_dir is None:
+            self.bin_dir = ensure_built()
+        if self._workdir_arg:
+            self._workdir_arg.mkdir(parents=True, exist_ok=True)
+            self.workdir = Path(tempfile.mkdtemp(prefix="cluster-", dir=self._workdir_arg))
+        else:
+            self.workdir = Path(tempfile.mkdtemp(prefix="workqueue-cluster-"))
+        self._started = True
+        try:
+            self._start(t0)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self, t0: float) -> None:
+        w = self._work
+        for sub in ("pki", "etcd", "logs", "node", "kcm-certs", "apiserver-certs"):
+            (w / sub).mkdir(parents=True, exist_ok=True)
+        pki = w / "pki"
+        generate_pki(pki)
+        # tokens
+        lines = []
+        for user, groups in self.users.items():
+            token = secrets.token_hex(24)
+            self.tokens[user] = token
+            lines.append(f'{token},{user},{user}' + (f',"{",".join(groups)}"' if groups else ""))
+        (pki / "tokens.csv").write_text("\n".join(lines) + "\n")
+        (pki / "tokens.csv").chmod(0o600)
+        self.images_file = w / "images.json"
+        self.images_file.write_text(json.dumps(self._initial_images))
+
+        etcd_client, etcd_peer, api_port, kcm_port, log_port = (free_port() for _ in range(5))
+        self.server = f"https://127.0.0.1:{api_port}"
+        self.api_port = api_port
+        self.kubeconfig = str(self.kubeconfig_for("admin", w / "kubeconfig"))
+
+        self._spawn("etcd", [
+            str(self._bin / "etcd"), "--name", "default", "--data-dir", str(w / "etcd"),
+            "--listen-client-urls", f"http://127.0.0.1:{etcd_client}",
+            "--advertise-client-urls", f"http://127.0.0.1:{etcd_client}",
+            "--listen-peer-urls", f"http://127.0.0.1:{etcd_peer}",
+            "--initial-advertise-peer-urls", f"http://127.0.0.1:{etcd_peer}",
+            "--initial-cluster", f"default=http://127.0.0.1:{etcd_peer}",
+            "--unsafe-no-fsync", "--log-level", "warn",
+        ])
+        self._wait(lambda: self._http_ok(f"http://127.0.0.1:{etcd_client}/health"), "etcd /health")
+
+        audit_args = []
+        if self.audit_log:
+            (w / "audit-policy.yaml").write_text(AUDIT_POLICY)
+            audit_args = [f"--audit-policy-file={w / 'audit-policy.yaml'}", f"--audit-log-path={self.audit_log_path}",
+                          "--audit-log-format=json", "--audit-log-mode=blocking", "--audit-log-maxsize=0"]
+        self._spawn("kube-apiserver", [
+            str(self._bin / "kube-apiserver"),
+            f"--etcd-servers=http://127.0.0.1:{etcd_client}",
+            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={api_port}",
+            f"--tls-cert-file={pki / 'serving.crt'}", f"--tls-private-key-file={pki / 'serving.key'}",
+            f"--client-ca-file={pki / 'ca.crt'}",
+            f"--token-auth-file={pki / 'tokens.csv'}",
+            "--authorization-mode=RBAC",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-account-key-file={pki / 'sa.pub'}",
+            f"--service-account-signing-key-file={pki / 'sa.key'}",
+            "--service-cluster-ip-range=10.0.0.0/24",
+            "--endpoint-reconciler-type=none",
+            f"--kubelet-certificate-authority={pki / 'ca.crt'}",
+            "--kubelet-preferred-address-types=InternalIP,Hostname",
+            "--allow-privileged=true",
+            "--enable-priority-and-fairness=false",
+            "--profiling=false",
+            f"--cert-dir={w / 'apiserver-certs'}",
+            "--v=1",
+            *audit_args,
+        ])
+        self._wait(lambda: self._http_ok(f"{self.server}/readyz", token=self.admin_token), "kube-apiserver /readyz")
+
+        self._spawn("kube-controller-manager", [
+            str(self._bin / "kube-controller-manager"),
+            f"--kubeconfig={self.kubeconfig}",
+            f"--authentication-kubeconfig={self.kubeconfig}",
+            f"--authorization-kubeconfig={self.kubeconfig}",
+            "--bind-address=127.0.0.1", f"--secure-port={kcm_port}",
+            f"--cert-dir={w / 'kcm-certs'}",
+            "--leader-elect=false",
+            "--controllers=" + ",".join(CONTROLLERS),
+            f"--service-account-private-key-file={pki / 'sa.key'}",
+            f"--root-ca-file={pki / 'ca.crt'}",
+            "--kube-api-qps=200", "--kube-api-burst=400",
+            "--profiling=false",
+            "--v=1",
+        ])
+        self._spawn("node-agent", [
+            sys.executable, "-m", "localkube.node_agent", "--kubeconfig", self.kubeconfig, "--state-dir", str(w / "node"),
+            "--node-name", self.node_name, "--images-file", str(self.images_file),
+            "--log-port", str(log_port), "--tls-cert", str(pki / "serving.crt"), "--tls-key", str(pki / "serving.key"),
+            "--cluster-id", self.cluster_id, "--api-host", "127.0.0.1", "--api-port", str(api_port),
+            "--repo", str(self.repo),
+        ])
+        # the serviceaccount controller creating "default" proves the controller manager works
+        self._wait(lambda: self._http_ok(f"{self.server}/api/v1/namespaces/default/serviceaccounts/default",
+                                         token=self.admin_token), "kube-controller-manager (default ServiceAccount)")
+        self._wait(self._node_ready, "node agent (Ready node)")
+        self.startup_seconds = time.monotonic() - t0
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        env = dict(os.environ)
+        env[MARK_ID] = self.cluster_id
+        env[MARK_OWNER] = str(os.getpid())
+        logf = open(self._work / "logs" / f"{name}.log", "ab")
+        try:
+            self.procs[name] = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                                                env=env, start_new_session=True, cwd=str(self.workdir))
+        finally:
+            logf.close()
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=self.ca_path)
+
+    def _http_ok(self, url: str, token: str | None = None) -> bool:
+        req = urllib.request.Request(url)
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
+        try:
+            ctx = self._ssl_context() if url.startswith("https") else None
+            with urllib.request.urlopen(req, timeout=2, context=ctx) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError, ssl.SSLError):
+            return False
+
+    def _node_ready(self) -> bool:
+        req = urllib.request.Request(f"{self.server}/api/v1/nodes/{self.node_name}",
+                                     headers={"Authorization": f"Bearer {self.admin_token}"})
+        try:
+            with urllib.request.urlopen(req, timeout=2, context=self._ssl_context()) as r:
+                node = json.load(r)
+        except (urllib.error.URLError, OSError):
+            return False
+        return any(c["type"] == "Ready" and c["status"] == "True"
+                   for c in (node.get("status") or {}).get("conditions") or [])
+
+    def _wait(self, check, what: str) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            for name, p in self.procs.items():
+                if p.poll() is not None:
+                    raise ClusterError(f"{name} exited with {p.returncode} while waiting for {what}:\n"
+                                       + self.component_log(name, tail_lines=30))
+            if check():
+                return
+            time.sleep(0.1)
+        raise ClusterError(f"timed out after {self.startup_timeout}s waiting for {what}")
+
+    # -- stop
+    def stop(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        # the node agent first: it stops the containers (SIGTERM, then SIGKILL)
+        for name in ("node-agent", "kube-controller-manager", "kube-apiserver", "etcd"):
+            p = self.procs.get(name)
+            if p is None:
+                continue
+            terminate(p, 10.0 if name == "node-agent" else 5.0)
+            if name == "node-agent":
+                self._kill_container_groups()
+        self._kill_marked()
+        if self.workdir and not self.keep_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _kill_container_groups(self) -> None:
+        try:
+            pgids = [int(x) for x in (self._work / "node" / "agent" / "pgids").read_text().split()]
+        except (OSError, ValueError):
+            pgids = []
+        for pgid in pgids:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def _kill_marked(self) -> None:
+        deadline = time.monotonic() + 10
+        while True:
+            pids = marked_pids(MARK_ID, self.cluster_id)
+            if not pids or time.monotonic() > deadline:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.1)
+
+    # -- faults
+    def restart_apiserver(self, down_seconds: float = 0.0) -> float:
+        """Stop kube-apiserver (SIGTERM, then SIGKILL) and start it again with the same arguments and
+        port, keeping etcd (and so every object and resourceVersion); returns the seconds it was away.
+        Watches and connections to it drop meanwhile: a fault for tests of clients that must reconnect."""
+        old = self.procs["kube-apiserver"]
+        started = time.monotonic()
+        terminate(old, 5.0)
+        time.sleep(down_seconds)
+        self._spawn("kube-apiserver", [str(arg) for arg in old.args])  # type: ignore[union-attr]
+        self._wait(lambda: self._http_ok(f"{self.server}/readyz", token=self.admin_token), "kube-apiserver /readyz")
+        return time.monotonic() - started
+
+    def pids(self) -> dict[str, int]:
+        return {name: p.pid for name, p in self.procs.items()}
+
+    def state(self) -> dict:
+        return {"kubeconfig": self.kubeconfig, "server": self.server, "ca": self.ca_path,
+                "admin_token": self.admin_token, "tokens": self.tokens, "workdir": str(self.workdir),
+                "bin_dir": str(self.bin_dir), "kubectl": self.kubectl_path, "launcher_pid": os.getpid(),
+                "pids": self.pids(), "cluster_id": self.cluster_id, "node": self.node_name,
+                "log_dir": str(self.log_dir), "images_file": str(self.images_file),
+                "startup_seconds": self.startup_seconds}
