@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build kube-apiserver, kube-controller-manager, kubectl and etcd from the Go
+# Build kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kubectl and etcd from the Go
 # module in localkube/src/localkube/go into a per-machine cache outside the repository:
 #
 #   ${WORKQUEUE_CACHE:-$HOME/.cache/workqueue}/k8s/<hash>/bin/
@@ -13,7 +13,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 mod="$here/go"
 cache_root="${WORKQUEUE_CACHE:-$HOME/.cache/workqueue}/k8s"
-bins=(etcd kube-apiserver kube-controller-manager kubectl)
+bins=(etcd kube-apiserver kube-controller-manager kubectl kube-scheduler kubelet)
 
 command -v go >/dev/null || PATH="$PATH:/usr/local/go/bin"
 command -v go >/dev/null || { echo "build.sh: go is not on PATH" >&2; exit 1; }
@@ -59,7 +59,9 @@ start=$(date +%s)
   go build -trimpath -ldflags "$ld" -o "$tmp/" \
     k8s.io/kubernetes/cmd/kube-apiserver \
     k8s.io/kubernetes/cmd/kube-controller-manager \
-    k8s.io/kubernetes/cmd/kubectl
+    k8s.io/kubernetes/cmd/kubectl \
+    k8s.io/kubernetes/cmd/kube-scheduler \
+    k8s.io/kubernetes/cmd/kubelet
   go build -trimpath -ldflags "-s -w" -o "$tmp/etcd" ./cmd/etcd
 ) >&2
 for b in "${bins[@]}"; do [ -x "$tmp/$b" ] || { echo "build.sh: $b missing after build" >&2; exit 1; }; done

@@ -28,6 +28,7 @@ from pathlib import Path
 from localkube.access import ClusterAccess
 from localkube.build import ensure_built
 from localkube.errors import ClusterError
+from localkube.kubelet_node import KubeletNode
 from localkube.observe import ClusterObservation
 from localkube.pki import generate_pki
 from localkube.processes import MARK_ID, MARK_OWNER, free_port, kill_stale_clusters, marked_pids, terminate
@@ -43,7 +44,12 @@ CONTROLLERS = [
     "deployment-controller",
     "cronjob-controller",
     "resourcequota-controller",  # a ResourceQuota is enforced once this has counted the namespace's usage
+    "root-ca-certificate-publisher-controller",  # kube-root-ca.crt: a real kubelet mounts it into every pod
 ]
+#: with a real kubelet: the not-ready taint it registers with is lifted once the node is Ready (and a node
+#: that stops reporting is tainted and its pods evicted, as on any cluster)
+KUBELET_NODE_CONTROLLERS = ["node-lifecycle-controller"]
+NODES = ("agent", "kubelet")  # the node agent (pods as host processes), or a real kubelet (kubelet_node.py)
 
 #: Users with a token in the token-auth-file.  "admin" is in system:masters;
 #: the spare users have no group and no rights until a test binds a role to
@@ -65,7 +71,9 @@ rules:
 """
 
 class LocalCluster(ClusterAccess, ClusterObservation):
-    """Context manager running a local control plane + node agent.
+    """Context manager running a local control plane and a node: the node agent (``node="agent"``: pods
+    as host processes, images from a table), or a real kubelet with containerd and CNI networking
+    (``node="kubelet"``: :mod:`localkube.kubelet_node`; images loaded with :meth:`load_image`).
 
     Attributes once started: ``kubeconfig`` (admin kubeconfig path), ``server``
     (API server URL), ``admin_token``, ``ca_path``, ``tokens`` (user -> bearer
@@ -76,7 +84,12 @@ class LocalCluster(ClusterAccess, ClusterObservation):
     def __init__(self, bin_dir: str | os.PathLike | None = None, *, users: dict[str, list[str]] | None = None,
                  images: dict[str, dict] | None = None, node_name: str = "workqueue-node",
                  workdir: str | os.PathLike | None = None, keep_workdir: bool = False,
-                 startup_timeout: float = 90.0, audit_log: bool = False, repo: str | os.PathLike | None = None):
+                 startup_timeout: float = 90.0, audit_log: bool = False, repo: str | os.PathLike | None = None,
+                 node: str = "agent"):
+        if node not in NODES:
+            raise ClusterError(f"node={node!r}: choose one of {', '.join(NODES)}")
+        self.node = node
+        self.kubelet_node: KubeletNode | None = None
         self.bin_dir = Path(bin_dir) if bin_dir else None
         self.users = {**DEFAULT_USERS, **(users or {})}
         self._initial_images = dict(images or {})
@@ -116,6 +129,22 @@ class LocalCluster(ClusterAccess, ClusterObservation):
     def _bin(self) -> Path:
         assert self.bin_dir is not None, "the cluster's binaries are not built"
         return self.bin_dir
+
+    @property
+    def workdir_path(self) -> Path:
+        """The running cluster's working directory."""
+        return self._work
+
+    @property
+    def bin_path(self) -> Path:
+        """Where the built binaries are."""
+        return self._bin
+
+    def load_image(self, archive: str | os.PathLike) -> None:
+        """Load a docker-archive or OCI archive into the real node (``node="kubelet"``), as a pull would."""
+        if self.kubelet_node is None:
+            raise ClusterError("load_image needs LocalCluster(node=\"kubelet\"); the node agent uses register_image")
+        self.kubelet_node.load_image(Path(archive))
 
     @property
     def ca_path(self) -> str:
@@ -221,24 +250,33 @@ class LocalCluster(ClusterAccess, ClusterObservation):
             "--bind-address=127.0.0.1", f"--secure-port={kcm_port}",
             f"--cert-dir={w / 'kcm-certs'}",
             "--leader-elect=false",
-            "--controllers=" + ",".join(CONTROLLERS),
+            "--controllers=" + ",".join(CONTROLLERS + (KUBELET_NODE_CONTROLLERS if self.node == "kubelet" else [])),
             f"--service-account-private-key-file={pki / 'sa.key'}",
             f"--root-ca-file={pki / 'ca.crt'}",
             "--kube-api-qps=200", "--kube-api-burst=400",
             "--profiling=false",
             "--v=1",
         ])
-        self._spawn("node-agent", [
-            sys.executable, "-m", "localkube.node_agent", "--kubeconfig", self.kubeconfig, "--state-dir", str(w / "node"),
-            "--node-name", self.node_name, "--images-file", str(self.images_file),
-            "--log-port", str(log_port), "--tls-cert", str(pki / "serving.crt"), "--tls-key", str(pki / "serving.key"),
-            "--cluster-id", self.cluster_id, "--api-host", "127.0.0.1", "--api-port", str(api_port),
-            "--repo", str(self.repo),
-        ])
+        if self.node == "kubelet":
+            self._spawn("kube-scheduler", [
+                str(self._bin / "kube-scheduler"), f"--kubeconfig={self.kubeconfig}",
+                f"--authentication-kubeconfig={self.kubeconfig}", f"--authorization-kubeconfig={self.kubeconfig}",
+                "--bind-address=127.0.0.1", f"--secure-port={free_port()}", "--leader-elect=false", "--v=1",
+            ])
+            self.kubelet_node = KubeletNode(self)
+            self.kubelet_node.start()
+        else:
+            self._spawn("node-agent", [
+                sys.executable, "-m", "localkube.node_agent", "--kubeconfig", self.kubeconfig,
+                "--state-dir", str(w / "node"), "--node-name", self.node_name, "--images-file", str(self.images_file),
+                "--log-port", str(log_port), "--tls-cert", str(pki / "serving.crt"), "--tls-key", str(pki / "serving.key"),
+                "--cluster-id", self.cluster_id, "--api-host", "127.0.0.1", "--api-port", str(api_port),
+                "--repo", str(self.repo),
+            ])
         # the serviceaccount controller creating "default" proves the controller manager works
         self._wait(lambda: self._http_ok(f"{self.server}/api/v1/namespaces/default/serviceaccounts/default",
                                          token=self.admin_token), "kube-controller-manager (default ServiceAccount)")
-        self._wait(self._node_ready, "node agent (Ready node)")
+        self._wait(self._node_ready, f"{'the kubelet' if self.kubelet_node else 'the node agent'} (Ready node)")
         self.startup_seconds = time.monotonic() - t0
 
     def _spawn(self, name: str, argv: list[str]) -> None:
@@ -267,6 +305,7 @@ class LocalCluster(ClusterAccess, ClusterObservation):
             return False
 
     def _node_ready(self) -> bool:
+        """The node is Ready and schedulable (a kubelet registers with the not-ready taint; it is lifted once Ready)."""
         req = urllib.request.Request(f"{self.server}/api/v1/nodes/{self.node_name}",
                                      headers={"Authorization": f"Bearer {self.admin_token}"})
         try:
@@ -274,8 +313,8 @@ class LocalCluster(ClusterAccess, ClusterObservation):
                 node = json.load(r)
         except (urllib.error.URLError, OSError):
             return False
-        return any(c["type"] == "Ready" and c["status"] == "True"
-                   for c in (node.get("status") or {}).get("conditions") or [])
+        ready = any(c["type"] == "Ready" and c["status"] == "True" for c in (node.get("status") or {}).get("conditions") or [])
+        return ready and not any(t.get("key") == "node.kubernetes.io/not-ready" for t in node["spec"].get("taints") or [])
 
     def _wait(self, check, what: str) -> None:
         deadline = time.monotonic() + self.startup_timeout
@@ -294,8 +333,10 @@ class LocalCluster(ClusterAccess, ClusterObservation):
         if not self._started:
             return
         self._started = False
-        # the node agent first: it stops the containers (SIGTERM, then SIGKILL)
-        for name in ("node-agent", "kube-controller-manager", "kube-apiserver", "etcd"):
+        # the node first: the agent stops the containers (SIGTERM, then SIGKILL); a real node is removed whole
+        if self.kubelet_node is not None:
+            self.kubelet_node.stop()
+        for name in ("node-agent", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"):
             p = self.procs.get(name)
             if p is None:
                 continue
@@ -350,6 +391,6 @@ class LocalCluster(ClusterAccess, ClusterObservation):
         return {"kubeconfig": self.kubeconfig, "server": self.server, "ca": self.ca_path,
                 "admin_token": self.admin_token, "tokens": self.tokens, "workdir": str(self.workdir),
                 "bin_dir": str(self.bin_dir), "kubectl": self.kubectl_path, "launcher_pid": os.getpid(),
-                "pids": self.pids(), "cluster_id": self.cluster_id, "node": self.node_name,
+                "pids": self.pids(), "cluster_id": self.cluster_id, "node": self.node_name, "node_kind": self.node,
                 "log_dir": str(self.log_dir), "images_file": str(self.images_file),
                 "startup_seconds": self.startup_seconds}

@@ -16,6 +16,7 @@ class ClusterObservation:
 
     audit_log: bool
     images_file: Path
+    node: str
 
     if TYPE_CHECKING:  # provided by LocalCluster and ClusterAccess
         @property
@@ -27,6 +28,8 @@ class ClusterObservation:
     def register_image(self, name: str, entrypoint: list[str] | None = None, cmd: list[str] | None = None,
                        env: dict[str, str] | None = None, working_dir: str | None = None) -> None:
         """Add an image-table entry, effective for containers started from now on (see images.py)."""
+        if self.node != "agent":
+            raise ClusterError("register_image is the node agent's image table; a real node loads images: load_image()")
         table = json.loads(self.images_file.read_text())
         table[name] = make_entry(entrypoint, cmd, env, working_dir)
         write_image_table(self.images_file, table)
@@ -80,12 +83,11 @@ class ClusterObservation:
 
     def read_pod_log(self, namespace: str, pod: str, container: str | None = None,
                      tail_lines: int | None = None) -> str:
-        """stdout+stderr a pod's container printed (all runs, kept after the pod is deleted).
-
-        Returns "" when the container never started.  The same logs are served
-        through the API (``kubectl logs``, ``read_namespaced_pod_log``) while
-        the pod exists.
-        """
+        """stdout+stderr a pod's container printed: with the node agent, all its runs, kept after the
+        pod is deleted; on a real node (``node="kubelet"``), what the kubelet serves (``pods/log``) while
+        the pod exists. Returns "" when the container never started."""
+        if self.node != "agent":
+            return self._read_pod_log_from_api(namespace, pod, container, tail_lines)
         path = self.pod_log_path(namespace, pod, container)
         try:
             text = path.read_text(errors="replace")
@@ -95,6 +97,22 @@ class ClusterObservation:
             lines = text.splitlines(keepends=True)
             text = "".join(lines[-tail_lines:]) if tail_lines > 0 else ""
         return text
+
+    def _read_pod_log_from_api(self, namespace: str, pod: str, container: str | None, tail_lines: int | None) -> str:
+        """What the kubelet serves for the container (its current or last run; "" if it never started)."""
+        import kubernetes
+        api = kubernetes.client.CoreV1Api(self.api_client())
+        kwargs: dict[str, Any] = {"_preload_content": False}
+        if container:
+            kwargs["container"] = container
+        if tail_lines is not None:
+            kwargs["tail_lines"] = tail_lines
+        try:
+            return api.read_namespaced_pod_log(pod, namespace, **kwargs).data.decode(errors="replace")
+        except kubernetes.client.ApiException as e:
+            if e.status in (400, 404):  # waiting to start, or gone
+                return ""
+            raise
 
     def component_log(self, name: str, tail_lines: int | None = None) -> str:
         """Log of a component: etcd, kube-apiserver, kube-controller-manager, node-agent."""

@@ -1,0 +1,282 @@
+"""A real node for :class:`localkube.LocalCluster` (``node="kubelet"``): the kubelet built from the same
+pinned module as the API server, Debian's containerd and runc (CRI v1, cgroupfs driver on this
+machine's cgroup v1), and pod networking with the standard CNI plugins (bridge + host-local IPAM +
+portmap + loopback) on a bridge and a /24 the launcher creates for this cluster alone.
+
+Everything it creates carries the cluster's id, so clusters started side by side don't meet: the
+bridge ``lk<id>`` (its address is the node IP, where the kubelet serves), the cgroup root
+``/localkube-<id>`` in every hierarchy, containerd's root, state and socket in the cluster's work
+dir. :meth:`KubeletNode.stop` removes all of it: containers (every process in the cgroup root),
+containerd and its shims, the pods' network namespaces, the mounts under the work dir, the bridge
+and the cgroups.
+
+Not yet here (see issue 12): kube-proxy (Services), cluster DNS, a registry; pods reach the host's
+services at the bridge's address.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from localkube.errors import ClusterError
+from localkube.node_images import PAUSE_IMAGE, ensure_node_images
+from localkube.pki import issue_serving_cert
+from localkube.processes import free_port, terminate
+
+if TYPE_CHECKING:
+    from localkube.cluster import LocalCluster
+
+CNI_BIN_DIR = "/usr/lib/cni"  # Debian's containernetworking-plugins
+NODE_PACKAGES = {"containerd": "containerd", "runc": "runc", "ctr": "containerd",
+                 f"{CNI_BIN_DIR}/bridge": "containernetworking-plugins", "gcc": "gcc"}
+SUBNET_PREFIX = "10.244"  # pod subnets 10.244.<n>.0/24, one per cluster; nothing else here routes 10.244/16
+
+
+class KubeletNode:
+    """containerd and the kubelet of one cluster (started by LocalCluster, which owns their processes)."""
+
+    def __init__(self, cluster: LocalCluster) -> None:
+        self.cluster = cluster
+        self.tag = cluster.cluster_id[:10]
+        self.bridge = f"lk{self.tag}"
+        self.cgroup_root = f"localkube-{self.tag}"
+        self.dir = cluster.workdir_path / "kubelet-node"
+        self.socket = self.dir / "containerd" / "containerd.sock"
+        self.subnet = ""
+        self.node_ip = ""
+
+    # -- start
+    def start(self) -> None:
+        ensure_node_packages()
+        images = ensure_node_images()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._create_bridge()
+        self._create_cgroup_root()
+        self._start_containerd()
+        for archive in images.values():
+            self.load_image(archive)
+        self._start_kubelet()
+
+    def load_image(self, archive: Path) -> None:
+        """Import a docker-archive (or OCI archive) into the node's containerd, as a pull would."""
+        result = self._ctr("images", "import", str(archive), timeout=300)
+        if result.returncode != 0:
+            raise ClusterError(f"importing {archive} into the node failed: {result.stderr.strip()}")
+
+    def _create_bridge(self) -> None:
+        routes = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True, check=True).stdout
+        free = [n for n in range(16, 250) if f"{SUBNET_PREFIX}.{n}." not in routes]
+        if not free:
+            raise ClusterError(f"no free /24 left in {SUBNET_PREFIX}.0.0/16 for the pod network")
+        n = random.choice(free)
+        self.subnet, self.node_ip = f"{SUBNET_PREFIX}.{n}.0/24", f"{SUBNET_PREFIX}.{n}.1"
+        for argv in (["ip", "link", "add", self.bridge, "type", "bridge"],
+                     ["ip", "addr", "add", f"{self.node_ip}/24", "dev", self.bridge],
+                     ["ip", "link", "set", self.bridge, "up"]):
+            _check(argv, "creating the pod network's bridge")
+
+    def _create_cgroup_root(self) -> None:
+        for hierarchy in cgroup_hierarchies():
+            path = hierarchy / self.cgroup_root
+            path.mkdir(exist_ok=True)
+            if hierarchy.name == "cpuset":  # a new cpuset has no cpus or mems until given its parent's
+                for name in ("cpuset.cpus", "cpuset.mems"):
+                    (path / name).write_text((hierarchy / name).read_text())
+
+    def _start_containerd(self) -> None:
+        base = self.dir / "containerd"
+        (self.dir / "cni").mkdir(parents=True, exist_ok=True)
+        (self.dir / "cni" / "10-localkube.conflist").write_text(json.dumps(self._cni_config(), indent=2))
+        config = base / "config.toml"
+        base.mkdir(parents=True, exist_ok=True)
+        config.write_text(f"""version = 2
+root = "{base / 'root'}"
+state = "{base / 'state'}"
+[grpc]
+  address = "{self.socket}"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{PAUSE_IMAGE}"
+  # no CAP_SYS_RESOURCE on these machines: a lowered oom_score_adj (-998 for sandboxes) is refused
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{CNI_BIN_DIR}"
+    conf_dir = "{self.dir / 'cni'}"
+""")
+        self.cluster._spawn("containerd", ["containerd", "--config", str(config)])
+        self.cluster._wait(lambda: self._ctr("version").returncode == 0, "containerd")
+
+    def _cni_config(self) -> dict:
+        return {"cniVersion": "0.4.0", "name": f"localkube-{self.tag}", "plugins": [
+            {"type": "bridge", "bridge": self.bridge, "isGateway": True, "ipMasq": False, "hairpinMode": True,
+             "ipam": {"type": "host-local", "ranges": [[{"subnet": self.subnet, "gateway": self.node_ip}]],
+                      "routes": [{"dst": "0.0.0.0/0"}], "dataDir": str(self.dir / "cni" / "ipam")}},
+            {"type": "portmap", "capabilities": {"portMappings": True}},
+            {"type": "loopback"}]}
+
+    def _start_kubelet(self) -> None:
+        cluster = self.cluster
+        cert, key = issue_serving_cert(cluster.workdir_path / "pki", cluster.node_name, self.node_ip, self.dir)
+        self.kubelet_port = free_port()
+        config = self.dir / "kubelet.yaml"
+        config.write_text(json.dumps({
+            "apiVersion": "kubelet.config.k8s.io/v1beta1", "kind": "KubeletConfiguration",
+            "cgroupDriver": "cgroupfs", "cgroupRoot": f"/{self.cgroup_root}", "failCgroupV1": False,
+            "failSwapOn": False, "address": self.node_ip, "port": self.kubelet_port, "readOnlyPort": 0,
+            "healthzBindAddress": "127.0.0.1", "healthzPort": free_port(),
+            "tlsCertFile": str(cert), "tlsPrivateKeyFile": str(key),
+            # served on the cluster's own bridge only; the API server verifies the kubelet's certificate
+            "authentication": {"anonymous": {"enabled": True}, "webhook": {"enabled": False}},
+            "authorization": {"mode": "AlwaysAllow"},
+            "containerRuntimeEndpoint": f"unix://{self.socket}",
+            "podLogsDir": str(self.dir / "pod-logs"), "clusterDomain": "cluster.local",
+            "resolvConf": "/etc/resolv.conf", "protectKernelDefaults": False,
+            "evictionHard": {"memory.available": "1Mi", "nodefs.available": "1%", "imagefs.available": "1%"},
+            "imageGCHighThresholdPercent": 100, "imageGCLowThresholdPercent": 99,
+            "localStorageCapacityIsolation": False, "serializeImagePulls": False,
+        }, indent=2))
+        cluster._spawn("kubelet", [str(cluster.bin_path / "kubelet"), "--config", str(config),
+                                   "--kubeconfig", cluster.kubeconfig, "--root-dir", str(self.dir / "root"),
+                                   "--hostname-override", cluster.node_name, "--node-ip", self.node_ip, "--v=1"])
+
+    # -- stop
+    def stop(self) -> None:
+        """Remove everything the node created (see the module doc); safe on a partly started node."""
+        netns = self._sandbox_netns() if self.socket.exists() else []
+        for name in ("kubelet",):
+            process = self.cluster.procs.get(name)
+            if process is not None:
+                terminate(process, 5.0)
+        self._kill_containers()
+        process = self.cluster.procs.get("containerd")
+        if process is not None:
+            terminate(process, 5.0)
+        _kill_matching(str(self.socket))  # the runc shims of this containerd
+        for path in netns:
+            subprocess.run(["umount", path], capture_output=True)
+            Path(path).unlink(missing_ok=True)
+        unmount_under(self.dir)
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+        self._remove_cgroup_root()
+
+    def _sandbox_netns(self) -> list[str]:
+        """The network namespaces (bind mounts in /var/run/netns) of this node's pod sandboxes."""
+        paths = []
+        for container in self._ctr("containers", "ls", "-q").stdout.split():
+            info = self._ctr("containers", "info", container)
+            try:
+                spec = json.loads(info.stdout).get("Spec") or {}
+            except ValueError:
+                continue
+            for namespace in (spec.get("linux") or {}).get("namespaces") or []:
+                if namespace.get("type") == "network" and namespace.get("path"):
+                    paths.append(namespace["path"])
+        return sorted(set(paths))
+
+    def _kill_containers(self, timeout: float = 5.0) -> None:
+        """SIGKILL every process in the node's cgroup root (containers and sandboxes) until none is left."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pids = self.cgroup_pids()
+            if not pids:
+                return
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.1)
+
+    def cgroup_pids(self) -> set[int]:
+        pids: set[int] = set()
+        for hierarchy in cgroup_hierarchies():
+            root = hierarchy / self.cgroup_root
+            for procs in root.rglob("cgroup.procs") if root.exists() else ():
+                try:
+                    pids.update(int(line) for line in procs.read_text().split())
+                except OSError:
+                    pass
+        return pids
+
+    def _remove_cgroup_root(self) -> None:
+        for hierarchy in cgroup_hierarchies():
+            root = hierarchy / self.cgroup_root
+            if not root.exists():
+                continue
+            for folder in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+                try:
+                    folder.rmdir()
+                except OSError:
+                    pass
+            try:
+                root.rmdir()
+            except OSError:
+                pass
+
+    def _ctr(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+        return subprocess.run(["ctr", "--address", str(self.socket), "--namespace", "k8s.io", *args],
+                              capture_output=True, text=True, timeout=timeout)
+
+
+def ensure_node_packages() -> None:
+    """containerd, runc, the CNI plugins (and gcc for the pause program): Debian's, installed if missing."""
+    missing = sorted({package for command, package in NODE_PACKAGES.items()
+                      if not (os.path.exists(command) if command.startswith("/") else shutil.which(command))})
+    if missing:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        result = subprocess.run(["apt-get", "install", "-y", "-q", *missing], capture_output=True, text=True, env=env)
+        if result.returncode != 0:
+            raise ClusterError(f"apt-get install {' '.join(missing)} failed: {result.stderr[-2000:]}")
+
+
+def cgroup_hierarchies() -> list[Path]:
+    """The mounted cgroup v1 hierarchies (cpu, memory, pids, ..., name=systemd)."""
+    found = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        separator = fields.index("-")
+        if fields[separator + 1] == "cgroup":
+            found.append(Path(fields[4]))
+    return found
+
+
+def unmount_under(folder: Path) -> None:
+    """Unmount every mount point at or under ``folder``, the deepest first."""
+    prefix = str(folder.resolve())
+    points = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    for point in sorted((p for p in points if p == prefix or p.startswith(prefix + "/")), key=len, reverse=True):
+        if subprocess.run(["umount", point], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", point], capture_output=True)
+
+
+def _kill_matching(text: str) -> None:
+    """SIGKILL processes whose command line contains ``text``."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline and int(entry) != os.getpid():
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _check(argv: list[str], what: str) -> None:
+    result = subprocess.run(argv, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ClusterError(f"{what}: {' '.join(argv)} failed: {result.stderr.strip()}")
