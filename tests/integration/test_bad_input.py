@@ -271,6 +271,8 @@ CASES = [
     case("job-env-renders-to-a-string", job(env="A=1"), ConfigurationError, "env must be a mapping (dict), got str"),
     case("job-restart-policy-always", job(restart_policy="Always"), ConfigurationError, "restart_policy='Always'"),
     case("job-empty-image", job(image=""), ConfigurationError, "image is empty"),
+    case("job-image-pull-policy-misspelt", job(image_pull_policy="IfNotPresnt"), ConfigurationError,
+         "image_pull_policy='IfNotPresnt': use one of ('Always', 'IfNotPresent', 'Never')"),
     case("job-missing-queue", lambda t: job(queue_name=f"{t.queue}-missing")(t), QueueNotFoundError, "does not exist"),
     case("job-missing-namespace", job(namespace=MISSING_NAMESPACE), KubernetesNotFoundError,
          f"namespace {MISSING_NAMESPACE!r} does not exist"),

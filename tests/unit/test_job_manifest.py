@@ -68,7 +68,7 @@ def test_the_seed_job_manifest():
     options = JobOptions(
         image="job-wq-1", queue_name="job1", parallelism=2, backoff_limit=3, ttl_seconds_after_finished=60,
         node_selector={"pool": "batch"}, resources={"limits": {"cpu": "1"}}, image_pull_secrets=["regcred"],
-        labels={"team": "data"}, annotations={"note": "x"})
+        labels={"team": "data"}, annotations={"note": "x"}, image_pull_policy="IfNotPresent")
     job = build_job("job-wq-1-abc", options, completions=8, secret_name="job-wq-1-abc-broker")
     spec = job["spec"]
     assert (spec["completions"], spec["parallelism"], spec["backoffLimit"], spec["ttlSecondsAfterFinished"]) == (8, 2, 3, 60)
@@ -80,6 +80,9 @@ def test_the_seed_job_manifest():
     secret_ref = {"secretKeyRef": {"name": "job-wq-1-abc-broker", "key": "BROKER_URL"}}
     assert env["BROKER_URL"] == {"name": "BROKER_URL", "valueFrom": secret_ref}
     assert env["QUEUE"]["value"] == "job1" and "command" not in container
+    assert container["imagePullPolicy"] == "IfNotPresent"
+    default = build_job("n", JobOptions(image="i", queue_name="q"), completions=1, secret_name="s")
+    assert "imagePullPolicy" not in default["spec"]["template"]["spec"]["containers"][0]  # Kubernetes' own default
     assert job["metadata"]["annotations"][SPEC_HASH_ANNOTATION] == options.fingerprint()
     assert job["metadata"]["labels"]["team"] == "data"
 

@@ -23,6 +23,7 @@ SECRET_KEY = "BROKER_URL"
 CONTAINER_NAME = "worker"
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 RESTART_POLICIES = ("OnFailure", "Never")
+PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 
 
 MAX_PREFIX = MAX_NAME - 11  # room for "-" and a 10-character digest
@@ -91,6 +92,7 @@ class JobOptions:
     tolerations: list[dict[str, Any]] | None = None
     service_account_name: str | None = None
     image_pull_secrets: list[str] | None = None
+    image_pull_policy: str | None = None
     env: dict[str, str] | None = None
     labels: dict[str, str] = field(default_factory=dict)
     annotations: dict[str, str] = field(default_factory=dict)
@@ -108,6 +110,9 @@ class JobOptions:
         _positive(self.backoff_limit, "backoff_limit", allow_none=True, minimum=0)
         _positive(self.active_deadline_seconds, "active_deadline_seconds", allow_none=True)
         _positive(self.ttl_seconds_after_finished, "ttl_seconds_after_finished", allow_none=True, minimum=0)
+        if self.image_pull_policy is not None and self.image_pull_policy not in PULL_POLICIES:
+            raise ConfigurationError(f"image_pull_policy={self.image_pull_policy!r}: use one of {PULL_POLICIES} (or None: "
+                                     "Kubernetes then pulls ':latest' and untagged images every time, others if missing).")
         if self.restart_policy not in RESTART_POLICIES:
             raise ConfigurationError(f"restart_policy={self.restart_policy!r}: a Job's pods use one of {RESTART_POLICIES}.")
         for name in ("pod_failure_policy", "resources", "node_selector", "env", "labels", "annotations",
@@ -184,6 +189,8 @@ def build_job(name: str, options: JobOptions, *, completions: int | None, secret
         container["args"] = options.args
     if options.resources:
         container["resources"] = options.resources
+    if options.image_pull_policy:
+        container["imagePullPolicy"] = options.image_pull_policy
     labels = {**MANAGED_BY, **options.labels}
     pod_spec: dict[str, Any] = {"restartPolicy": options.restart_policy, "containers": [container]}
     optional_pod = {

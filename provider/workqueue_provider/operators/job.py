@@ -106,6 +106,9 @@ class QueueJobOperator(QueueReaderLineageMixin, WaitsForJob, BaseOperator):
     :param tolerations: pod tolerations.
     :param service_account_name: the pods' service account.
     :param image_pull_secrets: names of image pull Secrets.
+    :param image_pull_policy: the worker container's imagePullPolicy (``Always``, ``IfNotPresent``,
+        ``Never``); None: Kubernetes' default, which pulls ``:latest`` and untagged images every time
+        (an image loaded onto the nodes without a registry needs ``IfNotPresent`` or ``Never``).
     :param labels: labels for the Job and its pods.
     :param annotations: annotations for the Job and its pods.
     :param pod_template: pod template dict merged under the generated one (anything else).
@@ -144,7 +147,7 @@ class QueueJobOperator(QueueReaderLineageMixin, WaitsForJob, BaseOperator):
         container_resources: dict[str, Any] | None = None,
         node_selector: dict[str, str] | None = None, tolerations: list[dict[str, Any]] | None = None,
         service_account_name: str | None = None, image_pull_secrets: list[str] | None = None,
-        labels: dict[str, str] | None = None, annotations: dict[str, str] | None = None,
+        image_pull_policy: str | None = None, labels: dict[str, str] | None = None, annotations: dict[str, str] | None = None,
         pod_template: dict[str, Any] | None = None, job_template: dict[str, Any] | None = None,
         pod_broker_host: str | None = None, pod_broker_port: int | None = None,
         wait_for_completion: bool = True, deferrable: bool = True, timeout: float = 24 * 3600,
@@ -175,6 +178,7 @@ class QueueJobOperator(QueueReaderLineageMixin, WaitsForJob, BaseOperator):
         self.tolerations = tolerations
         self.service_account_name = service_account_name
         self.image_pull_secrets = image_pull_secrets
+        self.image_pull_policy = image_pull_policy
         self.labels = labels
         self.annotations = annotations
         self.pod_template = pod_template
@@ -217,7 +221,7 @@ class QueueJobOperator(QueueReaderLineageMixin, WaitsForJob, BaseOperator):
             pod_replacement_policy=self.pod_replacement_policy,
             resources=self.container_resources, node_selector=self.node_selector, tolerations=self.tolerations,
             service_account_name=self.service_account_name, image_pull_secrets=self.image_pull_secrets,
-            env=self.env, labels=labels, annotations=dict(self.annotations or {}),
+            image_pull_policy=self.image_pull_policy, env=self.env, labels=labels, annotations=dict(self.annotations or {}),
             pod_template=self.pod_template, job_template=self.job_template, **ints,
         )
 
