@@ -71,6 +71,12 @@ class KubeletNode:
         if result.returncode != 0:
             raise ClusterError(f"importing {archive} into the node failed: {result.stderr.strip()}")
 
+    def tag_image(self, source: str, target: str) -> None:
+        """Give a loaded image another reference (as ``docker tag``), e.g. a ``:latest`` one."""
+        result = self._ctr("images", "tag", "--force", source, target)
+        if result.returncode != 0:
+            raise ClusterError(f"tagging {source} as {target} failed: {result.stderr.strip()}")
+
     def _create_bridge(self) -> None:
         routes = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True, check=True).stdout
         free = [n for n in range(16, 250) if f"{SUBNET_PREFIX}.{n}." not in routes]

@@ -50,11 +50,12 @@ def cache_dir() -> Path:
 
 def ensure_node_images() -> dict[str, Path]:
     """Image reference -> docker-archive, built if missing: the pause and the Debian image."""
-    return {PAUSE_IMAGE: _cached("pause", PAUSE_C, _build_pause),
-            DEBIAN_IMAGE: _cached("debian", f"debootstrap minbase {DEBIAN_SUITE} {DEBIAN_MIRROR}", _build_debian)}
+    return {PAUSE_IMAGE: cached("pause", PAUSE_C, _build_pause),
+            DEBIAN_IMAGE: cached("debian", f"debootstrap minbase {DEBIAN_SUITE} {DEBIAN_MIRROR}", _build_debian)}
 
 
-def _cached(name: str, recipe: str, build) -> Path:
+def cached(name: str, recipe: str, build) -> Path:
+    """``<cache>/<name>-<hash of recipe>.tar``, made by ``build(path)`` unless it exists (one builder at a time)."""
     digest = hashlib.sha256(recipe.encode()).hexdigest()[:16]
     folder = cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
@@ -78,16 +79,16 @@ def _build_pause(out: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         source, binary = Path(tmp) / "pause.c", Path(tmp) / "pause"
         source.write_text(PAUSE_C)
-        _run(["gcc", "-static", "-Os", "-o", str(binary), str(source)], "building the pause program")
+        run(["gcc", "-static", "-Os", "-o", str(binary), str(source)], "building the pause program")
         docker_archive(out, PAUSE_IMAGE, files={"/pause": binary}, entrypoint=["/pause"])
 
 
 def _build_debian(out: Path) -> None:
     if shutil.which("debootstrap") is None:
-        _run(["apt-get", "install", "-y", "-q", "debootstrap"], "installing debootstrap")
+        run(["apt-get", "install", "-y", "-q", "debootstrap"], "installing debootstrap")
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         root = Path(tmp) / "rootfs"
-        _run(["debootstrap", "--variant=minbase", DEBIAN_SUITE, str(root), DEBIAN_MIRROR],
+        run(["debootstrap", "--variant=minbase", DEBIAN_SUITE, str(root), DEBIAN_MIRROR],
              f"debootstrap --variant=minbase {DEBIAN_SUITE}")
         docker_archive(out, DEBIAN_IMAGE, root=root, cmd=["bash"])
 
@@ -129,7 +130,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _run(argv: list[str], what: str) -> None:
+def run(argv: list[str], what: str) -> None:
     result = subprocess.run(argv, capture_output=True, text=True)
     if result.returncode != 0:
         raise ClusterError(f"{what} failed (exit {result.returncode}): {result.stderr[-2000:]}")
