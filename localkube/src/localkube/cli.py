@@ -1,6 +1,6 @@
 """``localkube``: build, start and stop the local cluster, and load images into its node.
 
-    localkube build                                          # prints the bin dir
+    localkube build [--node-images]                          # prints the bin dir
     localkube up [--state-file F] [--kubeconfig-out P] [--images-file T] [--repo DIR] [--detach]
     localkube down --state-file F
     localkube load-image NAME --state-file F --entrypoint 'sh -c "..."' [--env K=V ...] [--working-dir D]
@@ -26,7 +26,10 @@ from pathlib import Path
 
 from localkube.build import ensure_built
 from localkube.cluster import LocalCluster
+from localkube.image_build import ensure_python_image
 from localkube.images import make_entry, normalize
+from localkube.kubelet_node import ensure_node_packages
+from localkube.node_images import ensure_node_images
 from localkube.observe import write_image_table
 from localkube.processes import MARK_ID, marked_pids, pid_alive
 
@@ -138,7 +141,9 @@ def load_image(args: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="localkube", description="a local Kubernetes control plane for tests and demos")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("build", help="build (or reuse) the binaries; prints the bin dir")
+    build = sub.add_parser("build", help="build (or reuse) the binaries; prints the bin dir")
+    build.add_argument("--node-images", action="store_true",
+                       help="also the real node's packages and images (pause, Debian, the python base)")
     start = sub.add_parser("up", help="start a cluster; prints the kubeconfig path (stdout); runs until SIGINT/SIGTERM")
     add_up_arguments(start)
     stop = sub.add_parser("down", help="stop a cluster started with up --state-file")
@@ -165,6 +170,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "build":
         print(ensure_built())
+        if args.node_images:
+            ensure_node_packages()
+            for archive in [*ensure_node_images().values(), ensure_python_image()]:
+                print(archive)
         return 0
     commands = {"up": up, "down": down, "load-image": load_image}
     return commands[args.command](args)
