@@ -1,6 +1,6 @@
 """Per-item cost of the worker side, side by side in one run, on the same queue type (quorum).
 
-    python bench/consumer.py            # 3,000 items per process-per-item run (as issue 15), 20,000 in process; 5 rounds
+    python bench/consumer.py [--rounds N]  # 3,000 items per process-per-item run (as issue 15), 20,000 in process; 5 rounds
     python bench/consumer.py --quick    # 300 / 5,000 items, 1 round (a smoke run)
 
 1. ``workqueue-consume --drain`` and ``workqueue-consume -c N`` vs ``amqp-consume -c N`` (Debian
@@ -172,8 +172,9 @@ def perftest_consumer(n: int) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rounds", type=int, default=5, help="alternated rounds (the ratios are their medians)")
     args = parser.parse_args()
-    n, n_fast, rounds = (300, 5_000, 1) if args.quick else (3_000, 20_000, 5)
+    n, n_fast, rounds = (300, 5_000, 1) if args.quick else (3_000, 20_000, args.rounds)
     ensure_amqp_tools()
     rates: dict[str, list[float]] = {k: [] for k in ("drain", "c_n", "amqp_consume", "in_process", "perftest")}
     ratios: dict[str, list[float]] = {k: [] for k in TARGETS}
