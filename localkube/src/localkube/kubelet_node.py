@@ -10,7 +10,7 @@ dir. :meth:`KubeletNode.stop` removes all of it: containers (every process in th
 containerd and its shims, the pods' network namespaces, the mounts under the work dir, the bridge
 and the cgroups.
 
-Not yet here (see issue 12): kube-proxy (Services), cluster DNS, a registry; pods reach the host's
+Not yet here: kube-proxy (Services), cluster DNS, a registry; pods reach the host's
 services at the bridge's address.
 """
 
