@@ -31,7 +31,15 @@ from localkube.errors import ClusterError
 from localkube.kubelet_node import KubeletNode
 from localkube.observe import ClusterObservation
 from localkube.pki import generate_pki
-from localkube.processes import MARK_ID, MARK_OWNER, free_port, kill_stale_clusters, marked_pids, terminate
+from localkube.processes import (
+    MARK_ID,
+    MARK_OWNER,
+    free_port,
+    kill_stale_clusters,
+    kill_until_gone,
+    marked_pids,
+    terminate,
+)
 
 CONTROLLERS = [
     "job-controller",
@@ -340,12 +348,17 @@ class LocalCluster(ClusterAccess, ClusterObservation):
             p = self.procs.get(name)
             if p is None:
                 continue
-            terminate(p, 10.0 if name == "node-agent" else 5.0)
+            self._terminate(p, 10.0 if name == "node-agent" else 5.0)
             if name == "node-agent":
                 self._kill_container_groups()
         self._kill_marked()
         if self.workdir and not self.keep_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _terminate(self, p: subprocess.Popen, timeout: float) -> None:
+        """Stop one of the cluster's processes (:func:`localkube.processes.terminate`); the one place
+        stop() ends a process, so a subclass can watch what needed SIGKILL."""
+        terminate(p, timeout)
 
     def _kill_container_groups(self) -> None:
         try:
@@ -359,17 +372,7 @@ class LocalCluster(ClusterAccess, ClusterObservation):
                 pass
 
     def _kill_marked(self) -> None:
-        deadline = time.monotonic() + 10
-        while True:
-            pids = marked_pids(MARK_ID, self.cluster_id)
-            if not pids or time.monotonic() > deadline:
-                break
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.1)
+        kill_until_gone(lambda: marked_pids(MARK_ID, self.cluster_id), timeout=10)
 
     # -- faults
     def restart_apiserver(self, down_seconds: float = 0.0) -> float:
@@ -378,7 +381,7 @@ class LocalCluster(ClusterAccess, ClusterObservation):
         Watches and connections to it drop meanwhile: a fault for tests of clients that must reconnect."""
         old = self.procs["kube-apiserver"]
         started = time.monotonic()
-        terminate(old, 5.0)
+        self._terminate(old, 5.0)
         time.sleep(down_seconds)
         self._spawn("kube-apiserver", [str(arg) for arg in old.args])  # type: ignore[union-attr]
         self._wait(lambda: self._http_ok(f"{self.server}/readyz", token=self.admin_token), "kube-apiserver /readyz")

@@ -22,14 +22,13 @@ import random
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from localkube.errors import ClusterError
 from localkube.node_images import PAUSE_IMAGE, ensure_node_images
 from localkube.pki import issue_serving_cert
-from localkube.processes import free_port, terminate
+from localkube.processes import free_port, kill_until_gone
 
 if TYPE_CHECKING:
     from localkube.cluster import LocalCluster
@@ -163,11 +162,11 @@ state = "{base / 'state'}"
         for name in ("kubelet",):
             process = self.cluster.procs.get(name)
             if process is not None:
-                terminate(process, 5.0)
+                self.cluster._terminate(process, 5.0)
         self._kill_containers()
         process = self.cluster.procs.get("containerd")
         if process is not None:
-            terminate(process, 5.0)
+            self.cluster._terminate(process, 5.0)
         _kill_matching(str(self.socket))  # the runc shims of this containerd
         for path in netns:
             subprocess.run(["umount", path], capture_output=True)
@@ -190,19 +189,9 @@ state = "{base / 'state'}"
                     paths.append(namespace["path"])
         return sorted(set(paths))
 
-    def _kill_containers(self, timeout: float = 5.0) -> None:
+    def _kill_containers(self) -> None:
         """SIGKILL every process in the node's cgroup root (containers and sandboxes) until none is left."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            pids = self.cgroup_pids()
-            if not pids:
-                return
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.1)
+        kill_until_gone(self.cgroup_pids, timeout=5)
 
     def cgroup_pids(self) -> set[int]:
         pids: set[int] = set()

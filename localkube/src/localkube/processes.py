@@ -7,6 +7,8 @@ import os
 import signal
 import socket
 import subprocess
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 MARK_ID = "WORKQUEUE_CLUSTER_ID"  # every process of a cluster has its id in this variable
@@ -73,6 +75,21 @@ def kill_stale_clusters() -> None:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def kill_until_gone(find_pids: Callable[[], Iterable[int]], timeout: float) -> None:
+    """SIGKILL what ``find_pids()`` names until it names nothing, or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = list(find_pids())
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
 
 
 def terminate(p: subprocess.Popen, timeout: float) -> None:
