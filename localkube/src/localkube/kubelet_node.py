@@ -22,16 +22,14 @@ import random
 import shutil
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from localkube.errors import ClusterError
 from localkube.node_images import PAUSE_IMAGE, ensure_node_images
 from localkube.pki import issue_serving_cert
 from localkube.processes import free_port, kill_until_gone
-
-if TYPE_CHECKING:
-    from localkube.cluster import LocalCluster
 
 CNI_BIN_DIR = "/usr/lib/cni"  # Debian's containernetworking-plugins
 NODE_PACKAGES = {"containerd": "containerd", "runc": "runc", "ctr": "containerd",
@@ -39,10 +37,31 @@ NODE_PACKAGES = {"containerd": "containerd", "runc": "runc", "ctr": "containerd"
 SUBNET_PREFIX = "10.244"  # pod subnets 10.244.<n>.0/24, one per cluster; nothing else here routes 10.244/16
 
 
+class NodeHost(Protocol):
+    """What the node needs of its cluster (:class:`localkube.LocalCluster`), which owns the processes."""
+
+    cluster_id: str
+    node_name: str
+    kubeconfig: str
+    procs: dict[str, subprocess.Popen]
+
+    @property
+    def workdir_path(self) -> Path: ...
+
+    @property
+    def bin_path(self) -> Path: ...
+
+    def _spawn(self, name: str, argv: list[str]) -> None: ...
+
+    def _terminate(self, p: subprocess.Popen, timeout: float) -> None: ...
+
+    def _wait(self, check: Callable[[], bool], what: str) -> None: ...
+
+
 class KubeletNode:
     """containerd and the kubelet of one cluster (started by LocalCluster, which owns their processes)."""
 
-    def __init__(self, cluster: LocalCluster) -> None:
+    def __init__(self, cluster: NodeHost) -> None:
         self.cluster = cluster
         self.tag = cluster.cluster_id[:10]
         self.bridge = f"lk{self.tag}"
