@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, Param
 
+from workqueue_provider.kube.broker_manifests import DEFAULT_IMAGE as DEFAULT_BROKER_IMAGE
 from workqueue_provider.notifications import JobFailureNotifier
 from workqueue_provider.operators.broker import EnsureBrokerOperator
 from workqueue_provider.operators.job import QueueJobOperator
@@ -62,7 +63,12 @@ with DAG(
     },
     tags=["workqueue", "kubernetes", "rabbitmq"],
 ) as dag:
-    start_broker = EnsureBrokerOperator(task_id="start_broker", namespace="{{ params.namespace }}")
+    # where no broker answers, start the tutorial's (image and NodePort for Airflow outside the cluster: `make demo`)
+    start_broker = EnsureBrokerOperator(
+        task_id="start_broker", namespace="{{ params.namespace }}",
+        image=os.environ.get("WORKQUEUE_BROKER_IMAGE", DEFAULT_BROKER_IMAGE),
+        node_port=int(os.environ["WORKQUEUE_BROKER_NODE_PORT"]) if os.environ.get("WORKQUEUE_BROKER_NODE_PORT") else None,
+    )
 
     declare_queue = DeclareQueueOperator(task_id="declare_queue", queue_name=QUEUE)
 
@@ -81,6 +87,7 @@ with DAG(
         parallelism="{{ params.parallelism }}",
         items_per_pod="{{ params.items_per_pod }}",
         pod_broker_host="{{ params.pod_broker_host }}",
+        pod_broker_port=os.environ.get("WORKQUEUE_POD_BROKER_PORT"),  # with a NodePort: the Service's 5672
         wait_for_completion=False,  # the sensor below waits, so the UI shows launch and wait apart
         ttl_seconds_after_finished=3600,
     )

@@ -1,9 +1,12 @@
 """`make demo`: run the example DAG end to end with `airflow dags test`.
 
-Without KUBECONFIG it starts the local control plane (localkube: real kube-apiserver,
-kube-controller-manager and etcd; pods run as local processes) and uses the local RabbitMQ; with
-KUBECONFIG it uses that cluster, and the broker named by AIRFLOW_CONN_AMQP_DEFAULT (the DAG's
-first task starts one in the cluster if none answers).
+Without KUBECONFIG it runs the tutorial literally on a local cluster (localkube: real kube-apiserver,
+kube-controller-manager, kube-scheduler and etcd, and a real node: kubelet, containerd, kube-proxy,
+CoreDNS): the DAG's first task starts RabbitMQ as the tutorial's StatefulSet and `rabbitmq-service`
+in a container (reached by Airflow through a NodePort), and the Job's pods run the image built from
+worker/Dockerfile and reach the broker as `rabbitmq-service:5672`. With KUBECONFIG it uses that
+cluster, and the broker named by AIRFLOW_CONN_AMQP_DEFAULT (the DAG's first task starts one in the
+cluster if none answers).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -23,11 +27,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `python scripts/demo.py`: scripts.cluster (the example's image) is importable
 DAG_ID = "work_queue_example"
 LOCAL_BROKER = "amqp://guest:guest@127.0.0.1:5672/"
+BROKER_NODE_PORT = 30672  # the demo broker's Service on the local node, for Airflow on this machine
 
 
-def airflow_env(kubeconfig: str, airflow_home: str, amqp_url: str | None = None) -> dict[str, str]:
-    """Environment for Airflow commands: isolated home, the repo's dags/, both connections."""
-    env = dict(os.environ)
+def airflow_env(kubeconfig: str, airflow_home: str, amqp_url: str | None = None,
+                extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for Airflow commands: isolated home, the repo's dags/, both connections (and ``extra``)."""
+    env = {**os.environ, **(extra or {})}
     env.update({
         "AIRFLOW_HOME": airflow_home,
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
@@ -57,8 +63,9 @@ def airflow(args: Sequence[str], env: dict[str, str], *, echo: bool = True, time
 
 
 def run_example_dag(kubeconfig: str, airflow_home: str, conf: dict[str, Any] | None = None, *,
-                    amqp_url: str | None = None, echo: bool = True) -> subprocess.CompletedProcess:
-    env = airflow_env(kubeconfig, airflow_home, amqp_url)
+                    amqp_url: str | None = None, echo: bool = True,
+                    extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = airflow_env(kubeconfig, airflow_home, amqp_url, extra_env)
     migrated = airflow(["db", "migrate"], env, echo=False)
     if migrated.returncode != 0:
         raise RuntimeError(f"airflow db migrate failed:\n{migrated.stdout[-3000:]}")
@@ -69,19 +76,34 @@ def run_example_dag(kubeconfig: str, airflow_home: str, conf: dict[str, Any] | N
 
 
 @contextlib.contextmanager
-def control_plane() -> Iterator[tuple[str, Any]]:
-    """(kubeconfig, LocalCluster or None): KUBECONFIG's cluster, or the local control plane."""
+def control_plane() -> Iterator[tuple[str, Any, dict[str, str]]]:
+    """(kubeconfig, LocalCluster or None, the DAG's environment): KUBECONFIG's cluster, or a local cluster
+    with a real node holding the example's images, and the settings that make the DAG start its broker there."""
     if os.environ.get("KUBECONFIG"):
-        yield os.environ["KUBECONFIG"].split(os.pathsep)[0], None
+        yield os.environ["KUBECONFIG"].split(os.pathsep)[0], None, {}
         return
     from localkube import LocalCluster
-    from scripts.cluster import EXAMPLE_IMAGES
+    from scripts.real_node_images import rabbitmq_image, worker_image
 
-    print("demo: starting the local control plane (kube-apiserver, kube-controller-manager, etcd, node agent)...",
+    print("demo: the worker image (from worker/Dockerfile) and the RabbitMQ 4.0 image (built once, then cached)...",
           flush=True)
-    with LocalCluster(images=EXAMPLE_IMAGES, repo=REPO) as cluster:
-        print(f"demo: control plane ready in {cluster.startup_seconds:.1f} s; kubeconfig {cluster.kubeconfig}", flush=True)
-        yield str(cluster.kubeconfig), cluster
+    images = [worker_image(), rabbitmq_image()]
+    print("demo: starting the local cluster (kube-apiserver, controllers, scheduler, etcd; a real node: kubelet, "
+          "containerd, kube-proxy, CoreDNS)...", flush=True)
+    with LocalCluster(node="kubelet", repo=REPO) as cluster:
+        for _, archive in images:
+            cluster.load_image(archive)
+        node = cluster.kubelet_node
+        assert node is not None
+        print(f"demo: cluster ready in {cluster.startup_seconds:.1f} s; kubeconfig {cluster.kubeconfig}; "
+              f"RabbitMQ will be reachable from here at {node.node_ip}:{BROKER_NODE_PORT} (NodePort)", flush=True)
+        password = secrets.token_urlsafe(18)  # goes into the broker's Secret; never printed
+        yield str(cluster.kubeconfig), cluster, {
+            "AIRFLOW_CONN_AMQP_DEFAULT": f"amqp://workqueue:{password}@{node.node_ip}:{BROKER_NODE_PORT}/",
+            "WORKQUEUE_WORKER_IMAGE": images[0][0], "WORKQUEUE_BROKER_IMAGE": images[1][0],
+            "WORKQUEUE_BROKER_NODE_PORT": str(BROKER_NODE_PORT),
+            "WORKQUEUE_POD_BROKER_HOST": "rabbitmq-service", "WORKQUEUE_POD_BROKER_PORT": "5672",
+        }
 
 
 def report(kubeconfig: str, cluster: Any, namespace: str = "default") -> None:
@@ -129,8 +151,9 @@ def print_next_commands(cluster: Any, kubeconfig: str, namespace: str) -> None:
 def main() -> int:
     started = time.monotonic()
     namespace = os.environ.get("WORKQUEUE_NAMESPACE", "default")
-    with control_plane() as (kubeconfig, cluster), tempfile.TemporaryDirectory(prefix="workqueue-demo-") as home:
-        result = run_example_dag(kubeconfig, home)
+    with control_plane() as (kubeconfig, cluster, dag_env), tempfile.TemporaryDirectory(prefix="workqueue-demo-") as home:
+        result = run_example_dag(kubeconfig, home, amqp_url=dag_env.pop("AIRFLOW_CONN_AMQP_DEFAULT", None),
+                                 extra_env=dag_env)
         report(kubeconfig, cluster, namespace)
     for line in result.stdout.splitlines():  # the item account, as the wait task logged it
         if "Item account of queue" in line:

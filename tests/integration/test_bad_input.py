@@ -314,6 +314,8 @@ CASES = [
     case("broker-startup-timeout-zero", ensure_broker(startup_timeout=0), ConfigurationError, "must be positive"),
     case("broker-invalid-namespace", ensure_broker(namespace="Team_A"), ConfigurationError,
          "Namespace name 'Team_A' is not a valid RFC 1123 name"),
+    case("broker-node-port-outside-the-range", ensure_broker(node_port=5672), ConfigurationError,
+         "NodePort range 30000-32767"),
     case("broker-statefulset-name-over-52", ensure_broker(statefulset_name="r" * 53), ConfigurationError,
          "StatefulSet name"),
     case("broker-missing-namespace", ensure_broker(namespace=MISSING_NAMESPACE), KubernetesNotFoundError,

@@ -1,7 +1,8 @@
 """The real node (``LocalCluster(node="kubelet")``): the kubelet, containerd, runc and CNI bridge
 networking run pods from a Debian image built here, and behave as on any cluster: real exit codes, a
 memory limit that OOM-kills, SIGTERM then SIGKILL after the grace period, OnFailure restarts with
-back-off, a Secret in env, a missing image failing as a pull does, and nothing left once it stops."""
+back-off, activeDeadlineSeconds, a Secret in env, a missing image failing as a pull does, Services through
+kube-proxy and names through CoreDNS, a NodePort from the host, and nothing left once it stops."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import ipaddress
 import subprocess
 import threading
 import time
+import urllib.request
 import uuid
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -17,6 +19,7 @@ import pytest
 from kubernetes import client
 
 from localkube import MARK_ID, LocalCluster, marked_pids
+from localkube.image_build import PYTHON_IMAGE, ensure_python_image
 from localkube.kubelet_node import cgroup_hierarchies
 from localkube.node_images import DEBIAN_IMAGE
 
@@ -138,7 +141,40 @@ def test_a_missing_image_fails_as_on_any_cluster(core, namespace, image, pull, r
     assert image.split("/")[-1] in (status.state.waiting.message or "") or pull == "Never"
 
 
-def test_a_pod_reaches_the_host_at_the_node_address(node_cluster, core, namespace):
+def test_active_deadline_seconds_ends_a_running_pod(core, namespace):
+    sleeper = pod("overdue", "sleep 600")
+    sleeper["spec"]["activeDeadlineSeconds"] = 3
+    core.create_namespaced_pod(namespace, sleeper)
+    found = wait_for(lambda: core.read_namespaced_pod("overdue", namespace), lambda p: p.status.phase == "Failed")
+    assert found.status.reason == "DeadlineExceeded", found.status
+
+
+def test_a_service_is_reached_by_name_from_a_pod_and_by_node_port_from_the_host(node_cluster, core, namespace):
+    node_cluster.load_image(ensure_python_image())
+    serve = "mkdir -p /srv && echo hello-from-web > /srv/index.html && cd /srv && exec python3 -m http.server 8000"
+    web = pod("web", serve, image=PYTHON_IMAGE, readinessProbe={"tcpSocket": {"port": 8000}, "periodSeconds": 1})
+    web["metadata"]["labels"] = {"app": "web"}
+    core.create_namespaced_pod(namespace, web)
+    service = core.create_namespaced_service(namespace, {"metadata": {"name": "web"}, "spec": {
+        "type": "NodePort", "selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8000}]}})
+    wait_for(lambda: container_state(core, namespace, "web"), lambda s: s is not None and s.ready, what="the web pod")
+
+    fqdn = f"web.{namespace}.svc.cluster.local"
+    script = (f'getent hosts web | cut -d" " -f1; getent hosts {fqdn} | cut -d" " -f1; '
+              'exec 3<>/dev/tcp/web/80; printf "GET / HTTP/1.0\r\n\r\n" >&3; tail -n 1 <&3')
+    core.create_namespaced_pod(namespace, pod("caller", script))
+    status = wait_for(lambda: container_state(core, namespace, "caller"),
+                      lambda s: s is not None and s.state.terminated is not None)
+    log = node_cluster.read_pod_log(namespace, "caller").split()
+    assert status.state.terminated.exit_code == 0, log
+    assert log == [service.spec.cluster_ip, service.spec.cluster_ip, "hello-from-web"]
+
+    node_port = service.spec.ports[0].node_port
+    with urllib.request.urlopen(f"http://{node_cluster.kubelet_node.node_ip}:{node_port}/", timeout=10) as answer:
+        assert answer.read().decode().strip() == "hello-from-web"
+
+
+def test_a_pod_reaches_the_host_at_the_host_address(node_cluster, core, namespace):
     class Hello(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - the http.server API
             self.send_response(200)
@@ -147,7 +183,7 @@ def test_a_pod_reaches_the_host_at_the_node_address(node_cluster, core, namespac
 
         def log_message(self, *args):
             pass
-    server = HTTPServer((node_cluster.kubelet_node.node_ip, 0), Hello)
+    server = HTTPServer((node_cluster.kubelet_node.host_ip, 0), Hello)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     host, port = server.server_address[:2]
     script = f'exec 3<>/dev/tcp/{host}/{port}; printf "GET / HTTP/1.0\\r\\n\\r\\n" >&3; tail -n 1 <&3'
@@ -161,7 +197,7 @@ def test_a_pod_reaches_the_host_at_the_node_address(node_cluster, core, namespac
     assert node_cluster.read_pod_log(namespace, "caller").strip() == "hello from the host"
 
 
-def test_stopping_leaves_no_container_mount_bridge_cgroup_or_process(pytestconfig):
+def test_stopping_leaves_no_container_mount_namespace_link_cgroup_or_process(pytestconfig):
     cluster = LocalCluster(node="kubelet", repo=pytestconfig.rootpath).start()
     node = cluster.kubelet_node
     assert node is not None
@@ -172,6 +208,7 @@ def test_stopping_leaves_no_container_mount_bridge_cgroup_or_process(pytestconfi
     assert node.cgroup_pids(), "the running container is not in the node's cgroups"
     netns = node._sandbox_netns()
     assert netns and all(Path(path).exists() for path in netns)
+    assert node.network.netns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
     started = time.monotonic()
     cluster.stop()
     print(f"\nreal node stopped in {time.monotonic() - started:.1f} s")
@@ -180,7 +217,10 @@ def test_stopping_leaves_no_container_mount_bridge_cgroup_or_process(pytestconfi
     assert not [path for path in netns if Path(path).exists()], "pod network namespaces are left"
     mounts = Path("/proc/self/mountinfo").read_text()
     assert str(workdir) not in mounts, "mounts are left under the cluster's work dir"
-    assert subprocess.run(["ip", "link", "show", node.bridge], capture_output=True).returncode != 0, "the bridge is left"
+    network = node.network
+    assert network.netns not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    assert subprocess.run(["ip", "link", "show", network.host_veth], capture_output=True).returncode != 0, "the link is left"
+    assert network.subnet not in subprocess.run(["ip", "route"], capture_output=True, text=True).stdout
     assert not [h for h in cgroup_hierarchies() if (h / node.cgroup_root).exists()], "the cgroup root is left"
     rules = subprocess.run(["iptables-save"], capture_output=True, text=True).stdout
     assert node.bridge not in rules and node.subnet not in rules

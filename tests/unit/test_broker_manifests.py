@@ -54,6 +54,25 @@ def test_service_is_the_seeds_rabbitmq_service():
     assert service["spec"]["selector"] == TUTORIAL_POD_LABELS
 
 
+def test_a_node_port_exposes_the_service_on_every_node_and_a_changed_one_is_named():
+    assert "type" not in rabbitmq_service(SPEC)["spec"]  # the tutorial's ClusterIP Service by default
+    spec = BrokerManifestSpec(namespace="team-a", node_port=30672)
+    service = rabbitmq_service(spec)
+    assert service["spec"]["type"] == "NodePort"
+    assert service["spec"]["ports"] == [{"name": "amqp", "port": 5672, "targetPort": 5672, "protocol": "TCP",
+                                         "nodePort": 30672}]
+    assert round_trip(service, "V1Service") == service
+    existing = copy.deepcopy(service)
+    existing["spec"]["ports"][0]["nodePort"] = 31000
+    assert differences(existing, service) == ["nodePort [31000] (wanted [30672])"]
+
+
+@pytest.mark.parametrize("port", [5672, 29999, 32768, True, "30672"])
+def test_a_node_port_outside_the_range_is_refused(port):
+    with pytest.raises(ConfigurationError, match="NodePort range 30000-32767"):
+        BrokerManifestSpec(node_port=port)
+
+
 def test_statefulset_is_the_seeds_with_credentials_from_the_secret():
     sts = rabbitmq_statefulset(SPEC)
     spec = sts["spec"]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Build kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kubectl and etcd from the Go
-# module in localkube/src/localkube/go into a per-machine cache outside the repository:
+# Build kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy, kubectl and etcd
+# from the Go module in localkube/src/localkube/go, and CoreDNS from localkube/src/localkube/coredns, into a per-machine cache outside the repository:
 #
 #   ${WORKQUEUE_CACHE:-$HOME/.cache/workqueue}/k8s/<hash>/bin/
 #
@@ -12,8 +12,9 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 mod="$here/go"
+dns="$here/coredns"
 cache_root="${WORKQUEUE_CACHE:-$HOME/.cache/workqueue}/k8s"
-bins=(etcd kube-apiserver kube-controller-manager kubectl kube-scheduler kubelet)
+bins=(etcd kube-apiserver kube-controller-manager kubectl kube-scheduler kubelet kube-proxy coredns)
 
 command -v go >/dev/null || PATH="$PATH:/usr/local/go/bin"
 command -v go >/dev/null || { echo "build.sh: go is not on PATH" >&2; exit 1; }
@@ -28,7 +29,7 @@ done
 flags="CGO_ENABLED=0 -trimpath -ldflags=$ld"
 
 hash="$( { cd "$mod"; cat go.mod go.sum; find . -name '*.go' -type f | LC_ALL=C sort | xargs cat
-           echo "$flags"; go version; } | sha256sum | cut -c1-16)"
+           cd "$dns"; cat go.mod go.sum main.go; echo "$flags"; go version; } | sha256sum | cut -c1-16)"
 out="$cache_root/$hash"
 bin="$out/bin"
 
@@ -61,8 +62,10 @@ start=$(date +%s)
     k8s.io/kubernetes/cmd/kube-controller-manager \
     k8s.io/kubernetes/cmd/kubectl \
     k8s.io/kubernetes/cmd/kube-scheduler \
-    k8s.io/kubernetes/cmd/kubelet
+    k8s.io/kubernetes/cmd/kubelet \
+    k8s.io/kubernetes/cmd/kube-proxy
   go build -trimpath -ldflags "-s -w" -o "$tmp/etcd" ./cmd/etcd
+  cd "$dns" && go build -trimpath -ldflags "-s -w" -o "$tmp/coredns" .
 ) >&2
 for b in "${bins[@]}"; do [ -x "$tmp/$b" ] || { echo "build.sh: $b missing after build" >&2; exit 1; }; done
 touch "$tmp/.complete"

@@ -29,6 +29,7 @@ from localkube.access import ClusterAccess
 from localkube.build import ensure_built
 from localkube.errors import ClusterError
 from localkube.kubelet_node import KubeletNode
+from localkube.node_network import SERVICE_CIDR
 from localkube.observe import ClusterObservation
 from localkube.pki import generate_pki
 from localkube.processes import (
@@ -56,7 +57,7 @@ CONTROLLERS = [
 ]
 #: with a real kubelet: the not-ready taint it registers with is lifted once the node is Ready (and a node
 #: that stops reporting is tainted and its pods evicted, as on any cluster)
-KUBELET_NODE_CONTROLLERS = ["node-lifecycle-controller"]
+KUBELET_NODE_CONTROLLERS = ["node-lifecycle-controller", "endpointslice-controller"]  # kube-proxy reads EndpointSlices
 NODES = ("agent", "kubelet")  # the node agent (pods as host processes), or a real kubelet (kubelet_node.py)
 
 #: Users with a token in the token-auth-file.  "admin" is in system:masters;
@@ -237,7 +238,7 @@ class LocalCluster(ClusterAccess, ClusterObservation):
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-account-key-file={pki / 'sa.pub'}",
             f"--service-account-signing-key-file={pki / 'sa.key'}",
-            "--service-cluster-ip-range=10.0.0.0/24",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--endpoint-reconciler-type=none",
             f"--kubelet-certificate-authority={pki / 'ca.crt'}",
             "--kubelet-preferred-address-types=InternalIP,Hostname",

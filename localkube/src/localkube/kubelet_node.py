@@ -1,24 +1,23 @@
-"""A real node for :class:`localkube.LocalCluster` (``node="kubelet"``): the kubelet built from the same
-pinned module as the API server, Debian's containerd and runc (CRI v1, cgroupfs driver on this
-machine's cgroup v1), and pod networking with the standard CNI plugins (bridge + host-local IPAM +
-portmap + loopback) on a bridge and a /24 the launcher creates for this cluster alone.
+"""A real node for :class:`localkube.LocalCluster` (``node="kubelet"``): the kubelet and kube-proxy built
+from the same pinned module as the API server, Debian's containerd and runc (CRI v1, cgroupfs driver on
+this machine's cgroup v1), pod networking with the standard CNI plugins (bridge + host-local IPAM +
+portmap + loopback), Services through kube-proxy and cluster DNS through CoreDNS, all in a network
+namespace of the node's own (:mod:`localkube.node_network`; :mod:`localkube.node_services`).
 
 Everything it creates carries the cluster's id, so clusters started side by side don't meet: the
-bridge ``lk<id>`` (its address is the node IP, where the kubelet serves), the cgroup root
-``/localkube-<id>`` in every hierarchy, containerd's root, state and socket in the cluster's work
-dir. :meth:`KubeletNode.stop` removes all of it: containers (every process in the cgroup root),
-containerd and its shims, the pods' network namespaces, the mounts under the work dir, the bridge
-and the cgroups.
+namespace and bridge ``lk<id>``, the cgroup root ``/localkube-<id>`` in every hierarchy, containerd's
+root, state and socket in the cluster's work dir. The node reaches the API server through a relay on the
+host's end of the node's link (``apiserver-relay``). :meth:`KubeletNode.stop` removes all of it:
+containers (every process in the cgroup root), containerd and its shims, the pods' network namespaces,
+the mounts under the work dir, the node's namespace and links, and the cgroups.
 
-Not yet here: kube-proxy (Services), cluster DNS, a registry; pods reach the host's
-services at the bridge's address.
+Not here: a registry (images are loaded with :meth:`KubeletNode.load_image`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -26,15 +25,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+import yaml
+
 from localkube.errors import ClusterError
 from localkube.node_images import PAUSE_IMAGE, ensure_node_images
+from localkube.node_network import NodeNetwork
+from localkube.node_services import DNS_READY_PORT, PROXY_HEALTHZ_PORT, coredns_argv, kube_proxy_argv
 from localkube.pki import issue_serving_cert
 from localkube.processes import free_port, kill_until_gone
 
 CNI_BIN_DIR = "/usr/lib/cni"  # Debian's containernetworking-plugins
 NODE_PACKAGES = {"containerd": "containerd", "runc": "runc", "ctr": "containerd",
-                 f"{CNI_BIN_DIR}/bridge": "containernetworking-plugins", "gcc": "gcc"}
-SUBNET_PREFIX = "10.244"  # pod subnets 10.244.<n>.0/24, one per cluster; nothing else here routes 10.244/16
+                 f"{CNI_BIN_DIR}/bridge": "containernetworking-plugins", "gcc": "gcc", "socat": "socat",
+                 "iptables": "iptables", "conntrack": "conntrack"}
 
 
 class NodeHost(Protocol):
@@ -43,6 +46,7 @@ class NodeHost(Protocol):
     cluster_id: str
     node_name: str
     kubeconfig: str
+    api_port: int
     procs: dict[str, subprocess.Popen]
 
     @property
@@ -57,6 +61,8 @@ class NodeHost(Protocol):
 
     def _wait(self, check: Callable[[], bool], what: str) -> None: ...
 
+    def _http_ok(self, url: str, token: str | None = None) -> bool: ...
+
 
 class KubeletNode:
     """containerd and the kubelet of one cluster (started by LocalCluster, which owns their processes)."""
@@ -64,24 +70,43 @@ class KubeletNode:
     def __init__(self, cluster: NodeHost) -> None:
         self.cluster = cluster
         self.tag = cluster.cluster_id[:10]
-        self.bridge = f"lk{self.tag}"
+        self.network = NodeNetwork(self.tag)
         self.cgroup_root = f"localkube-{self.tag}"
         self.dir = cluster.workdir_path / "kubelet-node"
         self.socket = self.dir / "containerd" / "containerd.sock"
-        self.subnet = ""
-        self.node_ip = ""
+        self.kubeconfig = str(self.dir / "kubeconfig")
+
+    @property
+    def node_ip(self) -> str:
+        """The pods' gateway on the node's bridge: the kubelet, NodePorts and cluster DNS are here."""
+        return self.network.node_ip
+
+    @property
+    def host_ip(self) -> str:
+        """The host as pods see it (the host's end of the node's link): a broker on the host is here."""
+        return self.network.host_ip
+
+    @property
+    def subnet(self) -> str:
+        return self.network.subnet
+
+    @property
+    def bridge(self) -> str:
+        return self.network.bridge
 
     # -- start
     def start(self) -> None:
         ensure_node_packages()
         images = ensure_node_images()
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._create_bridge()
+        self.network.create()
+        self._start_apiserver_relay()
         self._create_cgroup_root()
         self._start_containerd()
         for archive in images.values():
             self.load_image(archive)
         self._start_kubelet()
+        self._start_services()
 
     def load_image(self, archive: Path) -> None:
         """Import a docker-archive (or OCI archive) into the node's containerd, as a pull would."""
@@ -95,17 +120,18 @@ class KubeletNode:
         if result.returncode != 0:
             raise ClusterError(f"tagging {source} as {target} failed: {result.stderr.strip()}")
 
-    def _create_bridge(self) -> None:
-        routes = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True, check=True).stdout
-        free = [n for n in range(16, 250) if f"{SUBNET_PREFIX}.{n}." not in routes]
-        if not free:
-            raise ClusterError(f"no free /24 left in {SUBNET_PREFIX}.0.0/16 for the pod network")
-        n = random.choice(free)
-        self.subnet, self.node_ip = f"{SUBNET_PREFIX}.{n}.0/24", f"{SUBNET_PREFIX}.{n}.1"
-        for argv in (["ip", "link", "add", self.bridge, "type", "bridge"],
-                     ["ip", "addr", "add", f"{self.node_ip}/24", "dev", self.bridge],
-                     ["ip", "link", "set", self.bridge, "up"]):
-            _check(argv, "creating the pod network's bridge")
+    def _start_apiserver_relay(self) -> None:
+        """The API server listens on the host's loopback; the node reaches it at the host's end of its link
+        (a TCP relay there), with a kubeconfig naming ``kubernetes`` (in the serving certificate) as server."""
+        port = self.cluster.api_port
+        self.cluster._spawn("apiserver-relay", ["socat", f"TCP-LISTEN:{port},bind={self.host_ip},fork,reuseaddr",
+                                                f"TCP:127.0.0.1:{port}"])
+        config = yaml.safe_load(Path(self.cluster.kubeconfig).read_text())
+        for entry in config["clusters"]:
+            entry["cluster"]["server"] = f"https://{self.host_ip}:{port}"
+            entry["cluster"]["tls-server-name"] = "kubernetes"
+        Path(self.kubeconfig).write_text(yaml.safe_dump(config))
+        Path(self.kubeconfig).chmod(0o600)
 
     def _create_cgroup_root(self) -> None:
         for hierarchy in cgroup_hierarchies():
@@ -138,7 +164,7 @@ state = "{base / 'state'}"
     bin_dir = "{CNI_BIN_DIR}"
     conf_dir = "{self.dir / 'cni'}"
 """)
-        self.cluster._spawn("containerd", ["containerd", "--config", str(config)])
+        self.cluster._spawn("containerd", self.network.enter(["containerd", "--config", str(config)]))
         self.cluster._wait(lambda: self._ctr("version").returncode == 0, "containerd")
 
     def _cni_config(self) -> dict:
@@ -165,34 +191,48 @@ state = "{base / 'state'}"
             "authorization": {"mode": "AlwaysAllow"},
             "containerRuntimeEndpoint": f"unix://{self.socket}",
             "podLogsDir": str(self.dir / "pod-logs"), "clusterDomain": "cluster.local",
-            "resolvConf": "/etc/resolv.conf", "protectKernelDefaults": False,
+            "resolvConf": "/etc/resolv.conf", "clusterDNS": [self.node_ip], "protectKernelDefaults": False,
             "evictionHard": {"memory.available": "1Mi", "nodefs.available": "1%", "imagefs.available": "1%"},
             "imageGCHighThresholdPercent": 100, "imageGCLowThresholdPercent": 99,
             "localStorageCapacityIsolation": False, "serializeImagePulls": False,
         }, indent=2))
-        cluster._spawn("kubelet", [str(cluster.bin_path / "kubelet"), "--config", str(config),
-                                   "--kubeconfig", cluster.kubeconfig, "--root-dir", str(self.dir / "root"),
-                                   "--hostname-override", cluster.node_name, "--node-ip", self.node_ip, "--v=1"])
+        cluster._spawn("kubelet", self.network.enter([
+            str(cluster.bin_path / "kubelet"), "--config", str(config), "--kubeconfig", self.kubeconfig,
+            "--root-dir", str(self.dir / "root"), "--hostname-override", cluster.node_name,
+            "--node-ip", self.node_ip, "--v=1"]))
+
+    def _start_services(self) -> None:
+        """kube-proxy and CoreDNS in the node's namespace; returns once both answer."""
+        cluster = self.cluster
+        cluster._spawn("kube-proxy", self.network.enter(kube_proxy_argv(
+            cluster.bin_path, self.dir, kubeconfig=self.kubeconfig, node_name=cluster.node_name,
+            node_ip=self.node_ip, cluster_cidr=self.subnet)))
+        cluster._spawn("coredns", self.network.enter(coredns_argv(
+            cluster.bin_path, self.dir, kubeconfig=self.kubeconfig, node_ip=self.node_ip)))
+        cluster._wait(lambda: cluster._http_ok(f"http://{self.node_ip}:{PROXY_HEALTHZ_PORT}/healthz"), "kube-proxy")
+        cluster._wait(lambda: cluster._http_ok(f"http://{self.node_ip}:{DNS_READY_PORT}/ready"), "CoreDNS")
 
     # -- stop
     def stop(self) -> None:
         """Remove everything the node created (see the module doc); safe on a partly started node."""
         netns = self._sandbox_netns() if self.socket.exists() else []
-        for name in ("kubelet",):
-            process = self.cluster.procs.get(name)
-            if process is not None:
-                self.cluster._terminate(process, 5.0)
+        self._terminate("kubelet", "kube-proxy", "coredns")
         self._kill_containers()
-        process = self.cluster.procs.get("containerd")
-        if process is not None:
-            self.cluster._terminate(process, 5.0)
+        self._terminate("containerd")
         _kill_matching(str(self.socket))  # the runc shims of this containerd
+        self._terminate("apiserver-relay")
         for path in netns:
             subprocess.run(["umount", path], capture_output=True)
             Path(path).unlink(missing_ok=True)
         unmount_under(self.dir)
-        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+        self.network.remove()
         self._remove_cgroup_root()
+
+    def _terminate(self, *names: str) -> None:
+        for name in names:
+            process = self.cluster.procs.get(name)
+            if process is not None:
+                self.cluster._terminate(process, 5.0)
 
     def _sandbox_netns(self) -> list[str]:
         """The network namespaces (bind mounts in /var/run/netns) of this node's pod sandboxes."""
@@ -289,8 +329,3 @@ def _kill_matching(text: str) -> None:
             except ProcessLookupError:
                 pass
 
-
-def _check(argv: list[str], what: str) -> None:
-    result = subprocess.run(argv, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise ClusterError(f"{what}: {' '.join(argv)} failed: {result.stderr.strip()}")

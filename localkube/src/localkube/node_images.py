@@ -95,20 +95,21 @@ def _build_debian(out: Path) -> None:
 
 def docker_archive(out: Path, ref: str, *, root: Path | None = None, files: dict[str, Path] | None = None,
                    entrypoint: list[str] | None = None, cmd: list[str] | None = None,
-                   env: list[str] | None = None) -> Path:
-    """Write a one-layer docker-archive of ``root`` (a directory, as /) or of ``files`` (path in the image
-    -> file on the host), tagged ``ref``."""
+                   env: list[str] | None = None, user: str | None = None, exclude: tuple[str, ...] = ()) -> Path:
+    """Write a one-layer docker-archive of ``root`` (a directory, as /; paths in ``exclude`` left out) and
+    ``files`` (path in the image -> file on the host, added last: they replace the root's), tagged ``ref``."""
+    skip = {path.strip("/") for path in (*exclude, *(files or {}))}
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         layer = Path(tmp) / "layer.tar"
         with tarfile.open(layer, "w", format=tarfile.PAX_FORMAT) as tar:
-            for name, source in (files or {}).items():
-                tar.add(source, arcname=name.lstrip("/"))
             if root is not None:
                 for entry in sorted(os.listdir(root)):
-                    tar.add(root / entry, arcname=entry)
+                    tar.add(root / entry, arcname=entry, filter=lambda info: None if info.name in skip else info)
+            for name, source in (files or {}).items():
+                tar.add(source, arcname=name.lstrip("/"))
         config = json.dumps({
             "architecture": "amd64", "os": "linux",
-            "config": {"Entrypoint": entrypoint, "Cmd": cmd, "Env": env or [PATH_ENV]},
+            "config": {"Entrypoint": entrypoint, "Cmd": cmd, "Env": env or [PATH_ENV], **({"User": user} if user else {})},
             "rootfs": {"type": "layers", "diff_ids": [f"sha256:{_sha256(layer)}"]},
         }).encode()
         config_name = f"{hashlib.sha256(config).hexdigest()}.json"

@@ -30,6 +30,7 @@ DEFAULT_SECRET_NAME = "rabbitmq-credentials"
 DEFAULT_SERVICE_NAME = "rabbitmq-service"
 DEFAULT_STATEFULSET_NAME = "rabbitmq"
 DEFAULT_CLUSTER_DOMAIN = "cluster.local"
+NODE_PORTS = range(30000, 32768)  # Kubernetes' default --service-node-port-range
 DEFAULT_DATA_SIZE = "1Gi"  # a cluster's per-node volume (the tutorial's single node keeps its emptyDir)
 COOKIE_KEY = ".erlang.cookie"
 PARTITION_HANDLING = "autoheal"  # a node paused past net_ticktime comes back inconsistent; autoheal restarts it
@@ -62,6 +63,7 @@ class BrokerManifestSpec:
     cluster_domain: str = DEFAULT_CLUSTER_DOMAIN
     data_size: str = DEFAULT_DATA_SIZE
     storage_class: str | None = None
+    node_port: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.replicas, bool) or not isinstance(self.replicas, int) or self.replicas < 1 \
@@ -69,6 +71,10 @@ class BrokerManifestSpec:
             raise ConfigurationError(
                 f"replicas={self.replicas!r}: use 1 (one node) or an odd cluster size (3, 5, 7): quorum queues "
                 "need a majority, so an even size survives no more node losses than one node fewer.")
+        if self.node_port is not None and (isinstance(self.node_port, bool) or self.node_port not in NODE_PORTS):
+            raise ConfigurationError(
+                f"node_port={self.node_port!r}: give a port in Kubernetes' NodePort range "
+                f"{NODE_PORTS.start}-{NODE_PORTS.stop - 1} (e.g. 30672), or None to keep the Service in the cluster.")
         validate_name(self.namespace, "Namespace name")
         validate_subdomain(self.secret_name, "Secret name")
         validate_name(self.service_name, "Service name")
@@ -137,15 +143,18 @@ def credentials_secret(spec: BrokerManifestSpec, username: str, password: str) -
 
 
 def rabbitmq_service(spec: BrokerManifestSpec) -> dict[str, Any]:
-    """The tutorial's ``rabbitmq-service``: port 5672 to the pods labelled task-queue / rabbitmq."""
+    """The tutorial's ``rabbitmq-service``: port 5672 to the pods labelled task-queue / rabbitmq; with
+    ``node_port``, also that port on every node (type NodePort), for clients outside the cluster."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {"name": spec.service_name, "namespace": spec.namespace,
                      "labels": {"component": "rabbitmq", **MANAGED_BY, **spec.labels}},
         "spec": {
-            "ports": [{"name": "amqp", "port": AMQP_PORT, "targetPort": AMQP_PORT, "protocol": "TCP"}],
+            "ports": [{"name": "amqp", "port": AMQP_PORT, "targetPort": AMQP_PORT, "protocol": "TCP",
+                       **({"nodePort": spec.node_port} if spec.node_port else {})}],
             "selector": dict(TUTORIAL_POD_LABELS),
+            **({"type": "NodePort"} if spec.node_port else {}),
         },
     }
 
@@ -302,6 +311,10 @@ def differences(existing: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[
         have_ports = sorted((p.get("port"), p.get("targetPort", p.get("port"))) for p in current.get("ports") or [])
         if want_ports != have_ports:
             diffs.append(f"ports {have_ports} (wanted {want_ports})")
+        want_node_ports = [p["nodePort"] for p in spec["ports"] if "nodePort" in p]
+        have_node_ports = [p.get("nodePort") for p in current.get("ports") or [] if p.get("nodePort")]
+        if want_node_ports and want_node_ports != have_node_ports:
+            diffs.append(f"nodePort {have_node_ports or None} (wanted {want_node_ports})")
         if (current.get("selector") or {}) != spec["selector"]:
             diffs.append(f"selector {current.get('selector')} (wanted {spec['selector']})")
     elif kind == "StatefulSet":

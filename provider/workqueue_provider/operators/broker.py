@@ -68,6 +68,9 @@ class EnsureBrokerOperator(BaseOperator):
     :param cluster_domain: the Kubernetes cluster's DNS domain, in each node's name (a cluster only).
     :param data_size: each node's PersistentVolumeClaim size (a cluster only).
     :param storage_class: the claims' StorageClass (a cluster only; default: the cluster's default class).
+    :param node_port: also expose the Service on this port of every node (type NodePort, 30000-32767), for
+        Airflow outside the cluster: its AMQP connection then names a node's address and this port, and
+        QueueJobOperator's pods use ``pod_broker_host="rabbitmq-service"``, ``pod_broker_port=5672``.
     :param startup_timeout: seconds to wait for the pod(s) to be Ready and AMQP to answer.
     :param poll_interval: seconds between checks while waiting.
     :return: ``{"started": bool, "address": host:port, "namespace": ..., "created": [kind/name, ...]}``,
@@ -87,7 +90,7 @@ class EnsureBrokerOperator(BaseOperator):
                  container_resources: Mapping[str, Mapping[str, str]] | None = None, username: str = "workqueue",
                  replicas: int = 1, cluster_domain: str = manifests.DEFAULT_CLUSTER_DOMAIN,
                  data_size: str = manifests.DEFAULT_DATA_SIZE, storage_class: str | None = None,
-                 startup_timeout: float = 300.0, poll_interval: float = 2.0, **kwargs: Any) -> None:
+                 node_port: int | None = None, startup_timeout: float = 300.0, poll_interval: float = 2.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.amqp_conn_id = amqp_conn_id
         self.kubernetes_conn_id = kubernetes_conn_id
@@ -103,6 +106,7 @@ class EnsureBrokerOperator(BaseOperator):
         self.cluster_domain = cluster_domain
         self.data_size = data_size
         self.storage_class = storage_class
+        self.node_port = node_port
         self.startup_timeout = startup_timeout
         self.poll_interval = poll_interval
 
@@ -130,7 +134,7 @@ class EnsureBrokerOperator(BaseOperator):
             statefulset_name=self.statefulset_name,
             resources=self.container_resources if self.container_resources is not None else manifests.DEFAULT_RESOURCES,
             replicas=self.replicas, cluster_domain=self.cluster_domain, data_size=self.data_size,
-            storage_class=self.storage_class,
+            storage_class=self.storage_class, node_port=self.node_port,
         )
         return spec, ref, settings, kubernetes_conn_id
 
