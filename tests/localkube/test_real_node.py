@@ -22,6 +22,7 @@ from localkube import MARK_ID, LocalCluster, marked_pids
 from localkube.image_build import PYTHON_IMAGE, ensure_python_image
 from localkube.kubelet_node import cgroup_hierarchies
 from localkube.node_images import DEBIAN_IMAGE
+from localkube.node_network import OWNERS, NodeNetwork, remove_stale_networks
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]  # the first start builds the images (debootstrap)
 
@@ -225,3 +226,20 @@ def test_stopping_leaves_no_container_mount_namespace_link_cgroup_or_process(pyt
     rules = subprocess.run(["iptables-save"], capture_output=True, text=True).stdout
     assert node.bridge not in rules and node.subnet not in rules
     assert not workdir.exists()
+
+
+def test_a_network_left_by_a_killed_launcher_is_removed_by_the_next_start():
+    network = NodeNetwork(uuid.uuid4().hex[:10])
+    network.create()
+    try:
+        assert network.netns not in remove_stale_networks()  # its launcher (this process) runs
+        assert network.netns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        (OWNERS / network.netns).write_text(str(dead.pid))  # as if the launcher had been killed
+        assert network.netns in remove_stale_networks()
+        assert network.netns not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+        assert subprocess.run(["ip", "link", "show", network.host_veth], capture_output=True).returncode != 0
+        assert network.subnet not in subprocess.run(["ip", "route"], capture_output=True, text=True).stdout
+    finally:
+        network.remove()

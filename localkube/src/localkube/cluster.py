@@ -29,7 +29,7 @@ from localkube.access import ClusterAccess
 from localkube.build import ensure_built
 from localkube.errors import ClusterError
 from localkube.kubelet_node import KubeletNode
-from localkube.node_network import SERVICE_CIDR
+from localkube.node_network import SERVICE_CIDR, remove_stale_networks
 from localkube.observe import ClusterObservation
 from localkube.pki import generate_pki
 from localkube.processes import (
@@ -174,6 +174,7 @@ class LocalCluster(ClusterAccess, ClusterObservation):
             return self
         t0 = time.monotonic()
         kill_stale_clusters()
+        remove_stale_networks()
         if self.bin_dir is None:
             self.bin_dir = ensure_built()
         if self._workdir_arg:

@@ -16,14 +16,18 @@ Nothing is routed or NATed off the machine: the namespace's only way out is the 
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
+from pathlib import Path
 
 from localkube.errors import ClusterError
+from localkube.processes import pid_alive
 
 POD_PREFIX = "10.244"  # pod subnets 10.244.<n>.0/24, one per cluster
 LINK_PREFIX = "10.245"  # host <-> node veth links 10.245.<n>.0/30
 SERVICE_CIDR = "10.0.0.0/24"  # the API server's --service-cluster-ip-range (lives in the namespace only)
+OWNERS = Path("/run/localkube/networks")  # <namespace> -> the pid of the process that created it
 
 
 class NodeNetwork:
@@ -65,6 +69,8 @@ class NodeNetwork:
             # iptables, so a ClusterIP reply from a pod on the same bridge is un-NATed (kube-proxy needs it)
             self.enter(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1", "net.bridge.bridge-nf-call-iptables=1"]),
         ]
+        OWNERS.mkdir(parents=True, exist_ok=True)
+        (OWNERS / self.netns).write_text(str(os.getpid()))
         for argv in steps:
             _check(argv, "creating the node's network")
 
@@ -72,6 +78,7 @@ class NodeNetwork:
         """Delete the namespace (its veth end, bridge and iptables rules go with it) and the host's veth end."""
         subprocess.run(["ip", "netns", "del", self.netns], capture_output=True)
         subprocess.run(["ip", "link", "del", self.host_veth], capture_output=True)
+        (OWNERS / self.netns).unlink(missing_ok=True)
 
     def _free_index(self) -> int:
         routes = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True, check=True).stdout
@@ -82,6 +89,22 @@ class NodeNetwork:
         if not free:
             raise ClusterError(f"no free /24 left in {POD_PREFIX}.0.0/16 for the pod network")
         return random.choice(free)
+
+
+def remove_stale_networks() -> list[str]:
+    """Remove the networks of nodes whose launcher died without stopping them (killed, e.g. by a CI timeout):
+    their namespace, link and route would otherwise stay until the machine reboots. Returns their names."""
+    removed = []
+    for marker in OWNERS.glob("lk*") if OWNERS.exists() else ():
+        try:
+            owner = int(marker.read_text())
+        except (ValueError, OSError):
+            continue
+        if pid_alive(owner):
+            continue
+        NodeNetwork(marker.name[2:]).remove()
+        removed.append(marker.name)
+    return removed
 
 
 def _check(argv: list[str], what: str) -> None:
