@@ -30,4 +30,5 @@ def test_make_demo_runs_the_tutorial_on_a_real_node():
     assert "8 filled = 8 processed + 0 dead-lettered + 0 left + 0 lost" in "\n".join(demo)
     for created in ("Created Service 'rabbitmq-service'", "Created StatefulSet 'rabbitmq'"):
         assert created in output, f"the broker was not started in the cluster: {created!r} missing"
+    assert "The pods reach the broker at rabbitmq-service:5672." in output, "the pods' broker is the Service, by name"
     assert "amqp://workqueue:" not in output, "the broker's password was printed"

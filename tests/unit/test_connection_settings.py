@@ -66,6 +66,9 @@ def test_password_never_in_repr_or_description():
 def test_url_can_point_pods_elsewhere():
     settings = BrokerSettings.from_url("amqp://u:p@localhost:5672/vh")
     assert settings.url(host="rabbitmq-service", port=5672) == "amqp://u:p@rabbitmq-service:5672/vh"
+    assert settings.address_for(host="rabbitmq-service", port=5672) == "rabbitmq-service:5672"  # what the log says
+    assert BrokerSettings.from_url("amqp://u:p@10.0.0.9:30672/").address_for(host="rabbitmq-service") == \
+        "rabbitmq-service:30672"
     assert BrokerSettings.from_url(settings.url()) == settings
 
 

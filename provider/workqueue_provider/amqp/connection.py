@@ -101,6 +101,10 @@ class BrokerSettings:
         """Return a copy with extras/URL query options applied (strings are converted)."""
         return dataclasses.replace(self, **_parse_options(options))
 
+    def address_for(self, *, host: str | None = None, port: int | None = None) -> str:
+        """``host:port`` of :meth:`url` with the same ``host`` and ``port`` (no password): for logs."""
+        return format_hosts(parse_hosts(host or self.host, port or self.effective_port))
+
     def url(self, *, host: str | None = None, port: int | None = None) -> str:
         """The full URL **with the password**, for a Kubernetes Secret only. Never log it.
 
