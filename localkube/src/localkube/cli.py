@@ -25,10 +25,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from localkube.build import ensure_built
-from localkube.cluster import LocalCluster
+from localkube.cluster import NODES, LocalCluster
 from localkube.image_build import ensure_python_image
 from localkube.images import make_entry, normalize
-from localkube.kubelet_node import ensure_node_packages
+from localkube.kubelet_node import ensure_node_packages, import_image
 from localkube.node_images import ensure_node_images
 from localkube.observe import write_image_table
 from localkube.processes import MARK_ID, marked_pids, pid_alive
@@ -57,9 +57,11 @@ def up(args: argparse.Namespace, images: dict[str, dict] | None = None, announce
     table = dict(images or {})
     if args.images_file:
         table.update(json.loads(Path(args.images_file).read_text()))
-    cluster = LocalCluster(images=table, repo=args.repo)
+    cluster = LocalCluster(images=table, repo=args.repo, node=args.node)
     try:
         cluster.start()
+        for archive in args.load:
+            cluster.load_image(archive)
         kubeconfig = cluster.kubeconfig
         if args.kubeconfig_out:
             Path(args.kubeconfig_out).resolve().parent.mkdir(parents=True, exist_ok=True)
@@ -127,8 +129,20 @@ def down(args: argparse.Namespace) -> int:
 
 
 def load_image(args: argparse.Namespace) -> int:
-    """Add (or replace) an image in the running cluster's table: containers started from now on use it."""
+    """A real node (``up --node kubelet``): import a docker-archive or OCI archive into its containerd, as a pull
+    would. The node agent: add (or replace) an image in its table; containers started from now on use it."""
     state = json.loads(Path(args.state_file).read_text())
+    if state.get("node_kind") == "kubelet":
+        if not args.archive:
+            print("this cluster has a real node: give the image as --archive PATH (a docker-archive, e.g. from "
+                  "`docker save` or `buildah push ... docker-archive:PATH`)", file=sys.stderr)
+            return 2
+        import_image(state["containerd_socket"], Path(args.archive))
+        print(f"{args.archive} imported into the node's containerd", file=sys.stderr)
+        return 0
+    if not (args.name and args.entrypoint):
+        print("the node agent runs images from a table: give NAME and --entrypoint", file=sys.stderr)
+        return 2
     images_file = Path(state["images_file"])
     table = json.loads(images_file.read_text())
     env = dict(pair.split("=", 1) for pair in args.env)
@@ -149,11 +163,12 @@ def parser() -> argparse.ArgumentParser:
     stop = sub.add_parser("down", help="stop a cluster started with up --state-file")
     stop.add_argument("--state-file", required=True)
     load = sub.add_parser("load-image", help="add an image to a running cluster's node (up --state-file)")
-    load.add_argument("name")
+    load.add_argument("name", nargs="?", help="the node agent: the image's name")
     load.add_argument("--state-file", required=True)
-    load.add_argument("--env", action="append", default=[], metavar="K=V")
-    load.add_argument("--working-dir")
-    load.add_argument("--entrypoint", required=True, help="the image's entrypoint and its arguments, as shell words")
+    load.add_argument("--archive", help="a real node: the image as a docker-archive or OCI archive")
+    load.add_argument("--env", action="append", default=[], metavar="K=V", help="the node agent: the image's env")
+    load.add_argument("--working-dir", help="the node agent: the image's working directory")
+    load.add_argument("--entrypoint", help="the node agent: the image's entrypoint and its arguments, as shell words")
     return p
 
 
@@ -162,6 +177,10 @@ def add_up_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kubeconfig-out", help="also write the admin kubeconfig here (and print this path)")
     p.add_argument("--images-file", help="a JSON image table to load at start (see images.py)")
     p.add_argument("--repo", default=None, help="what {repo} in an image entry names (default: the current directory)")
+    p.add_argument("--node", choices=NODES, default="agent",
+                   help="kubelet: a real node (containerd, CNI, kube-proxy, CoreDNS); agent: pods as host processes")
+    p.add_argument("--load", action="append", default=[], metavar="ARCHIVE",
+                   help="with --node kubelet: an image archive to load at start (repeatable)")
     p.add_argument("--detach", action="store_true", help="return once the cluster is up, leaving it running")
     p.add_argument("--log-file", help="with --detach: where the launcher's messages go")
 

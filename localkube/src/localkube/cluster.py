@@ -398,4 +398,5 @@ class LocalCluster(ClusterAccess, ClusterObservation):
                 "bin_dir": str(self.bin_dir), "kubectl": self.kubectl_path, "launcher_pid": os.getpid(),
                 "pids": self.pids(), "cluster_id": self.cluster_id, "node": self.node_name, "node_kind": self.node,
                 "log_dir": str(self.log_dir), "images_file": str(self.images_file),
+                "containerd_socket": str(self.kubelet_node.socket) if self.kubelet_node else None,
                 "startup_seconds": self.startup_seconds}

@@ -110,9 +110,7 @@ class KubeletNode:
 
     def load_image(self, archive: Path) -> None:
         """Import a docker-archive (or OCI archive) into the node's containerd, as a pull would."""
-        result = self._ctr("images", "import", str(archive), timeout=300)
-        if result.returncode != 0:
-            raise ClusterError(f"importing {archive} into the node failed: {result.stderr.strip()}")
+        import_image(str(self.socket), archive)
 
     def tag_image(self, source: str, target: str) -> None:
         """Give a loaded image another reference (as ``docker tag``), e.g. a ``:latest`` one."""
@@ -281,6 +279,14 @@ state = "{base / 'state'}"
     def _ctr(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
         return subprocess.run(["ctr", "--address", str(self.socket), "--namespace", "k8s.io", *args],
                               capture_output=True, text=True, timeout=timeout)
+
+
+def import_image(socket: str, archive: Path) -> None:
+    """Import a docker-archive (or OCI archive) into the containerd at ``socket`` (the CRI's namespace)."""
+    result = subprocess.run(["ctr", "--address", socket, "--namespace", "k8s.io", "images", "import", str(archive)],
+                            capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        raise ClusterError(f"importing {archive} into the node failed: {result.stderr.strip()}")
 
 
 def ensure_node_packages() -> None:
