@@ -236,9 +236,9 @@ class QueueJobOperator(QueueReaderLineageMixin, WaitsForJob, BaseOperator):
         if self.image_pull_grace_seconds is not None:
             check_seconds(self.image_pull_grace_seconds, "image_pull_grace_seconds")
         RabbitMQQueueLink.persist(context, amqp_conn_id=self.amqp_conn_id, queue_name=options.queue_name, log=self.log)
-        pod_broker = {"host": self.pod_broker_host, "port": _as_int(self.pod_broker_port, "pod_broker_port")}
-        pod_url = self.amqp.settings.url(**pod_broker)
-        self.log.info("The pods reach the broker at %s.", self.amqp.settings.address_for(**pod_broker))
+        pod_host, pod_port = self.pod_broker_host, _as_int(self.pod_broker_port, "pod_broker_port")
+        pod_url = self.amqp.settings.url(host=pod_host, port=pod_port)
+        self.log.info("The pods reach the broker at %s.", self.amqp.settings.address_for(host=pod_host, port=pod_port))
         launcher = JobLauncher(self.kubernetes, self.amqp, self.log, dead_letter_queue=self.dead_letter_queue)
         name = launcher.launch_or_reattach(self.resolve_job_name(context), options, pod_url)
         self._launched = (name, options.namespace)
