@@ -65,7 +65,8 @@ test-unit:
 demo: broker
 	@venv="$(VENV)"; "$$venv/bin/python" scripts/demo.py
 
-## make cluster: start the local control plane in the foreground; prints the kubeconfig path.
+## make cluster: the local cluster with a real node and the example's images, in the foreground; prints the
+## kubeconfig path and the commands to run the example against it (`--node agent`: the node agent instead).
 cluster:
 	@venv="$(VENV)"; "$$venv/bin/python" scripts/cluster.py up --kubeconfig-out "$(WORKQUEUE_CACHE)/local-cluster/kubeconfig"
 

@@ -1,7 +1,9 @@
-"""``make cluster``: the local cluster (localkube) with the README example's image loaded, running in the
-foreground; prints the kubeconfig path, and on stderr the commands to run the example against it.
+"""``make cluster``: the local cluster (localkube) with a real node and the example's images loaded (the
+worker built from worker/Dockerfile, RabbitMQ 4.0), running in the foreground; prints the kubeconfig path,
+and on stderr the commands to run the example against it (the DAG then starts RabbitMQ in the cluster,
+as `make demo` does).
 
-    python scripts/cluster.py up [--kubeconfig-out P] [--state-file F] [--detach]
+    python scripts/cluster.py up [--kubeconfig-out P] [--state-file F] [--detach] [--node agent]
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from localkube import LocalCluster
 from localkube.cli import add_up_arguments, up
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # `python scripts/cluster.py`: scripts.real_node_images is importable
 
 #: The README example's worker image (the tutorial's job-wq-1) as the node agent runs it: workqueue-consume
 #: giving each item to worker/worker.py. `make cluster` and scripts/demo.py (make demo) load it.
@@ -25,18 +28,47 @@ EXAMPLE_IMAGES: dict[str, dict] = {
 }
 #: Where `make cluster` writes the admin kubeconfig: the same path every time, so the next commands stay valid.
 MAKE_CLUSTER_KUBECONFIG = Path(os.environ.get("WORKQUEUE_CACHE", Path.home() / ".cache/workqueue")) / "local-cluster/kubeconfig"
+BROKER_NODE_PORT = 30672  # the example broker's Service on the local node, for Airflow on this machine
+BROKER_SECRET = "rabbitmq-credentials"
+
+
+def example_images() -> list[tuple[str, Path]]:
+    """(reference, docker-archive) of the example's images for a real node: the worker and RabbitMQ."""
+    from scripts.real_node_images import rabbitmq_image, worker_image
+
+    return [worker_image(), rabbitmq_image()]
+
+
+def example_environment(node_ip: str) -> dict[str, str]:
+    """The example DAG's settings on a local cluster with a real node: its first task starts RabbitMQ there
+    (the worker and broker images loaded), exposed on a NodePort for Airflow on this machine, with a password
+    it generates into the Secret ``rabbitmq-credentials`` (never printed); the pods use ``rabbitmq-service:5672``."""
+    from scripts.real_node_images import RABBITMQ_IMAGE, WORKER_IMAGE
+
+    return {
+        "AIRFLOW_CONN_AMQP_DEFAULT": f"amqp://workqueue@{node_ip}:{BROKER_NODE_PORT}/?credentials_secret={BROKER_SECRET}",
+        "WORKQUEUE_WORKER_IMAGE": WORKER_IMAGE, "WORKQUEUE_BROKER_IMAGE": RABBITMQ_IMAGE,
+        "WORKQUEUE_BROKER_NODE_PORT": str(BROKER_NODE_PORT),
+        "WORKQUEUE_POD_BROKER_HOST": "rabbitmq-service", "WORKQUEUE_POD_BROKER_PORT": "5672",
+    }
 
 
 def next_commands(kubeconfig: str | os.PathLike, *, kubectl: str = "kubectl", namespace: str = "default",
-                  local_broker: bool = True) -> list[str]:
+                  local_broker: bool = True, environment: dict[str, str] | None = None) -> list[str]:
     """The shell commands a user can run next against a cluster: kubectl, both Airflow connections, the example.
 
+    ``environment``: the example's settings (:func:`example_environment`, no passwords), exported; otherwise
     ``local_broker``: the connection to the local RabbitMQ (`make broker`, user guest); otherwise the user's
     own AIRFLOW_CONN_AMQP_DEFAULT is kept (never printed: it may hold a password)."""
     venv_bin = Path(sys.executable).parent
     kubeconfig = str(Path(kubeconfig).resolve())
-    broker = ("export AIRFLOW_CONN_AMQP_DEFAULT='amqp://127.0.0.1:5672/'   # the local RabbitMQ (make broker)"
-              if local_broker else "# AIRFLOW_CONN_AMQP_DEFAULT: keep the one set now")
+    if environment:
+        broker = " ".join(f"{key}={shlex.quote(value)}" for key, value in environment.items())
+        broker = f"export {broker}   # the DAG starts RabbitMQ in the cluster"
+    elif local_broker:
+        broker = "export AIRFLOW_CONN_AMQP_DEFAULT='amqp://127.0.0.1:5672/'   # the local RabbitMQ (make broker)"
+    else:
+        broker = "# AIRFLOW_CONN_AMQP_DEFAULT: keep the one set now"
     return [
         f". {shlex.quote(str(venv_bin / 'activate'))}   # airflow, workqueue-consume",
         f"export KUBECONFIG={shlex.quote(kubeconfig)}",
@@ -49,9 +81,12 @@ def next_commands(kubeconfig: str | os.PathLike, *, kubectl: str = "kubectl", na
 
 
 def announce(cluster: LocalCluster, kubeconfig: str) -> None:
+    node = cluster.kubelet_node
+    loaded = "the worker and RabbitMQ images" if node else f"image {', '.join(EXAMPLE_IMAGES)}"
     print(f"cluster up in {cluster.startup_seconds:.1f}s: {cluster.server} (Ctrl-C stops it); "
-          f"image {', '.join(EXAMPLE_IMAGES)} loaded (the README's example). Next, in another shell:", file=sys.stderr)
-    for command in next_commands(kubeconfig, kubectl=cluster.kubectl_path):
+          f"{loaded} loaded (the README's example). Next, in another shell:", file=sys.stderr)
+    environment = example_environment(node.node_ip) if node else None
+    for command in next_commands(kubeconfig, kubectl=cluster.kubectl_path, environment=environment):
         print(f"  {command}", file=sys.stderr)
 
 
@@ -59,8 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     add_up_arguments(sub.add_parser("up", help="start the cluster; runs until SIGINT/SIGTERM"))
+    sub.choices["up"].set_defaults(node="kubelet")  # make cluster: a real node, as make demo
     args = parser.parse_args(argv)
     args.repo = args.repo or str(REPO)
+    if args.node == "kubelet":
+        args.load += [str(archive) for _, archive in example_images()]
     return up(args, images=EXAMPLE_IMAGES, announce=announce)
 
 

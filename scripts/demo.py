@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `python scripts/demo.py`: scripts.cluster (the example's image) is importable
 DAG_ID = "work_queue_example"
 LOCAL_BROKER = "amqp://guest:guest@127.0.0.1:5672/"
-BROKER_NODE_PORT = 30672  # the demo broker's Service on the local node, for Airflow on this machine
 
 
 def airflow_env(kubeconfig: str, airflow_home: str, amqp_url: str | None = None,
@@ -83,11 +81,11 @@ def control_plane() -> Iterator[tuple[str, Any, dict[str, str]]]:
         yield os.environ["KUBECONFIG"].split(os.pathsep)[0], None, {}
         return
     from localkube import LocalCluster
-    from scripts.real_node_images import rabbitmq_image, worker_image
+    from scripts.cluster import example_environment, example_images
 
     print("demo: the worker image (from worker/Dockerfile) and the RabbitMQ 4.0 image (built once, then cached)...",
           flush=True)
-    images = [worker_image(), rabbitmq_image()]
+    images = example_images()
     print("demo: starting the local cluster (kube-apiserver, controllers, scheduler, etcd; a real node: kubelet, "
           "containerd, kube-proxy, CoreDNS)...", flush=True)
     with LocalCluster(node="kubelet", repo=REPO) as cluster:
@@ -95,15 +93,11 @@ def control_plane() -> Iterator[tuple[str, Any, dict[str, str]]]:
             cluster.load_image(archive)
         node = cluster.kubelet_node
         assert node is not None
-        print(f"demo: cluster ready in {cluster.startup_seconds:.1f} s; kubeconfig {cluster.kubeconfig}; "
-              f"RabbitMQ will be reachable from here at {node.node_ip}:{BROKER_NODE_PORT} (NodePort)", flush=True)
-        password = secrets.token_urlsafe(18)  # goes into the broker's Secret; never printed
-        yield str(cluster.kubeconfig), cluster, {
-            "AIRFLOW_CONN_AMQP_DEFAULT": f"amqp://workqueue:{password}@{node.node_ip}:{BROKER_NODE_PORT}/",
-            "WORKQUEUE_WORKER_IMAGE": images[0][0], "WORKQUEUE_BROKER_IMAGE": images[1][0],
-            "WORKQUEUE_BROKER_NODE_PORT": str(BROKER_NODE_PORT),
-            "WORKQUEUE_POD_BROKER_HOST": "rabbitmq-service", "WORKQUEUE_POD_BROKER_PORT": "5672",
-        }
+        environment = example_environment(node.node_ip)
+        print(f"demo: cluster ready in {cluster.startup_seconds:.1f} s; kubeconfig {cluster.kubeconfig}; the DAG starts "
+              f"RabbitMQ there, reached from here at {environment['AIRFLOW_CONN_AMQP_DEFAULT'].split('@')[1].split('/')[0]} "
+              "(NodePort)", flush=True)
+        yield str(cluster.kubeconfig), cluster, environment
 
 
 def report(kubeconfig: str, cluster: Any, namespace: str = "default") -> None:
@@ -135,16 +129,14 @@ def dag_run_succeeded(result: subprocess.CompletedProcess) -> bool:
 
 def print_next_commands(cluster: Any, kubeconfig: str, namespace: str) -> None:
     """What to run next, so nobody has to read this script to continue."""
-    from scripts.cluster import MAKE_CLUSTER_KUBECONFIG, next_commands
+    from scripts.cluster import next_commands
 
-    if cluster is None:
-        print("demo: next, against the cluster in KUBECONFIG:", flush=True)
-        commands = next_commands(kubeconfig, namespace=namespace, local_broker=False)
-    else:
-        print("demo: the demo's control plane has stopped. To keep one running: `make cluster` (it registers the "
-              "example's image job-wq-1), then in another shell:", flush=True)
-        commands = next_commands(MAKE_CLUSTER_KUBECONFIG, namespace=namespace)
-    for command in commands:
+    if cluster is not None:
+        print("demo: the demo's cluster has stopped. To keep one running: `make cluster` (the same real node and "
+              "images); it prints the commands to run the example against it.", flush=True)
+        return
+    print("demo: next, against the cluster in KUBECONFIG:", flush=True)
+    for command in next_commands(kubeconfig, namespace=namespace, local_broker=False):
         print(f"  {command}", flush=True)
 
 

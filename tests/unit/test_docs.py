@@ -200,6 +200,24 @@ def test_the_next_commands_point_kubectl_and_airflow_at_the_cluster(tmp_path):
     assert not any("AIRFLOW_CONN_AMQP_DEFAULT=" in line for line in next_commands(kubeconfig, local_broker=False))
 
 
+def test_make_cluster_on_a_real_node_prints_the_example_settings_without_a_password(tmp_path):
+    """`make cluster` (a real node): the DAG starts RabbitMQ in the cluster; the printed connection names the Secret
+    its generated password goes into, never a password, and every setting is one shell word."""
+    import shlex
+
+    from airflow.models.connection import Connection
+
+    from scripts.cluster import example_environment, next_commands
+
+    [line] = [c for c in next_commands(tmp_path / "kubeconfig", environment=example_environment("10.244.7.1"))
+              if "AIRFLOW_CONN_AMQP_DEFAULT=" in c]
+    words = dict(word.split("=", 1) for word in shlex.split(line.split("#")[0])[1:])
+    amqp = Connection(uri=words["AIRFLOW_CONN_AMQP_DEFAULT"])
+    assert (amqp.host, amqp.port, amqp.password) == ("10.244.7.1", 30672, None)
+    assert amqp.extra_dejson == {"credentials_secret": "rabbitmq-credentials"}
+    assert (words["WORKQUEUE_POD_BROKER_HOST"], words["WORKQUEUE_POD_BROKER_PORT"]) == ("rabbitmq-service", "5672")
+
+
 def test_the_docs_say_the_example_deletes_a_stuck_job_only_if_it_does():
     """A Job whose pods can't start never finishes, so its TTL never removes it: the docs may say the example
     cleans it up only when the example's sensor is set to."""
