@@ -197,7 +197,8 @@ class FakeAmqpHook:
         self.depth = QueueDepth("q", ready, consumers)
         self.accounts = list(accounts or [account])  # successive reads; the last one stays
         self.reads = 0
-        self.settings = SimpleNamespace(url=lambda host=None, port=None: "amqp://user:secret@broker:5672/%2F")
+        self.settings = SimpleNamespace(url=lambda host=None, port=None: "amqp://user:secret@broker:5672/%2F",
+                                        address_for=lambda host=None, port=None: f"{host or 'broker'}:{port or 5672}")
 
     def queue_depth(self, queue_name: str, *, checked: bool = False) -> QueueDepth:
         return self.depth
