@@ -34,13 +34,7 @@ def test_up_load_image_run_a_pod_and_down(tmp_path: Path):
         kubectl = [state["kubectl"], "--kubeconfig", state["kubeconfig"]]
         subprocess.run([*kubectl, "run", "greeter", "--image=registry.local/greeter:1.0", "--restart=Never"],
                        check=True, capture_output=True, timeout=30)
-        deadline = time.monotonic() + 60
-        phase = ""
-        while phase != "Succeeded":
-            assert time.monotonic() < deadline, f"the pod did not succeed (phase {phase!r})"
-            phase = subprocess.run([*kubectl, "get", "pod", "greeter", "-o", "jsonpath={.status.phase}"],
-                                   capture_output=True, text=True, timeout=30).stdout
-            time.sleep(0.3)
+        _wait_for_field(kubectl, "greeter", "{.status.phase}", until="Succeeded", timeout=60)
         logs = subprocess.run([*kubectl, "logs", "greeter"], capture_output=True, text=True, timeout=30)
         assert logs.stdout.strip() == "hello from greeter"
     finally:
