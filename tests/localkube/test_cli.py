@@ -4,10 +4,12 @@ nothing of the cluster is left running."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,24 +21,18 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
 LOCALKUBE = [sys.executable, "-m", "localkube"]
 
 
-def test_up_load_image_run_a_pod_and_down(tmp_path: Path):
+@contextlib.contextmanager
+def _running_cluster(tmp_path: Path, *up_args: str, timeout: float = 120) -> Iterator[tuple[Path, dict, list[str]]]:
+    """``localkube up --detach`` with a state file; yields (state file, state, kubectl argv). On the way out
+    ``localkube down``, then nothing of the cluster may be left running."""
     state_file = tmp_path / "cluster.json"
-    up = subprocess.run([*LOCALKUBE, "up", "--detach", "--state-file", str(state_file), "--log-file",
-                         str(tmp_path / "launcher.log")], capture_output=True, text=True, timeout=120)
+    up = subprocess.run([*LOCALKUBE, "up", "--detach", *up_args, "--state-file", str(state_file), "--log-file",
+                         str(tmp_path / "launcher.log")], capture_output=True, text=True, timeout=timeout)
     assert up.returncode == 0, up.stderr + (tmp_path / "launcher.log").read_text()
     state = json.loads(state_file.read_text())
+    assert up.stdout.strip() == state["kubeconfig"]
     try:
-        assert up.stdout.strip() == state["kubeconfig"]
-        loaded = subprocess.run([*LOCALKUBE, "load-image", "greeter:1.0", "--state-file", str(state_file),
-                                 "--env", "GREETING=hello", "--entrypoint", "sh -c 'echo $GREETING from $HOSTNAME'"],
-                                capture_output=True, text=True, timeout=30)
-        assert loaded.returncode == 0, loaded.stderr
-        kubectl = [state["kubectl"], "--kubeconfig", state["kubeconfig"]]
-        subprocess.run([*kubectl, "run", "greeter", "--image=registry.local/greeter:1.0", "--restart=Never"],
-                       check=True, capture_output=True, timeout=30)
-        _wait_for_field(kubectl, "greeter", "{.status.phase}", until="Succeeded", timeout=60)
-        logs = subprocess.run([*kubectl, "logs", "greeter"], capture_output=True, text=True, timeout=30)
-        assert logs.stdout.strip() == "hello from greeter"
+        yield state_file, state, [state["kubectl"], "--kubeconfig", state["kubeconfig"]]
     finally:
         down = subprocess.run([*LOCALKUBE, "down", "--state-file", str(state_file)], capture_output=True, text=True,
                               timeout=90)
@@ -45,16 +41,23 @@ def test_up_load_image_run_a_pod_and_down(tmp_path: Path):
     assert not marked_pids(MARK_ID, state["cluster_id"]), "processes of the cluster are still running"
 
 
+def test_up_load_image_run_a_pod_and_down(tmp_path: Path):
+    with _running_cluster(tmp_path) as (state_file, _, kubectl):
+        loaded = subprocess.run([*LOCALKUBE, "load-image", "greeter:1.0", "--state-file", str(state_file),
+                                 "--env", "GREETING=hello", "--entrypoint", "sh -c 'echo $GREETING from $HOSTNAME'"],
+                                capture_output=True, text=True, timeout=30)
+        assert loaded.returncode == 0, loaded.stderr
+        subprocess.run([*kubectl, "run", "greeter", "--image=registry.local/greeter:1.0", "--restart=Never"],
+                       check=True, capture_output=True, timeout=30)
+        _wait_for_field(kubectl, "greeter", "{.status.phase}", until="Succeeded", timeout=60)
+        logs = subprocess.run([*kubectl, "logs", "greeter"], capture_output=True, text=True, timeout=30)
+        assert logs.stdout.strip() == "hello from greeter"
+
+
 def test_a_real_node_cluster_loads_an_image_archive_and_runs_a_pod_from_it(tmp_path: Path):
-    state_file = tmp_path / "cluster.json"
-    up = subprocess.run([*LOCALKUBE, "up", "--detach", "--node", "kubelet", "--state-file", str(state_file),
-                         "--log-file", str(tmp_path / "launcher.log")], capture_output=True, text=True, timeout=300)
-    assert up.returncode == 0, up.stderr + (tmp_path / "launcher.log").read_text()
-    state = json.loads(state_file.read_text())
-    kubectl = [state["kubectl"], "--kubeconfig", state["kubeconfig"]]
     pod = ["run", "py", f"--image={PYTHON_IMAGE}", "--restart=Never", "--image-pull-policy=Never", "--command", "--",
            "python3", "-c", "print(6 * 7)"]
-    try:
+    with _running_cluster(tmp_path, "--node", "kubelet", timeout=300) as (state_file, _, kubectl):
         subprocess.run([*kubectl, *pod], check=True, capture_output=True, timeout=30)
         # not on the node before load-image (the wait fails the test unless the kubelet says so)
         _wait_for_field(kubectl, "py", "{.status.containerStatuses[0].state.waiting.reason}", until="ErrImageNeverPull")
@@ -66,11 +69,6 @@ def test_a_real_node_cluster_loads_an_image_archive_and_runs_a_pod_from_it(tmp_p
         _wait_for_field(kubectl, "py2", "{.status.phase}", until="Succeeded")
         logs = subprocess.run([*kubectl, "logs", "py2"], capture_output=True, text=True, timeout=30)
         assert logs.stdout.strip() == "42"
-    finally:
-        down = subprocess.run([*LOCALKUBE, "down", "--state-file", str(state_file)], capture_output=True, text=True,
-                              timeout=90)
-    assert down.returncode == 0, down.stderr
-    assert not marked_pids(MARK_ID, state["cluster_id"]), "processes of the cluster are still running"
 
 
 def _wait_for_field(kubectl: list[str], pod: str, path: str, until: str | None = None, timeout: float = 90) -> str:
