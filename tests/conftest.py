@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -15,14 +13,6 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
-from scripts.real_node_images import (  # noqa: F401  (tests import the image names from here)
-    RABBITMQ_IMAGE,
-    TUTORIAL_WORKER_IMAGE,
-    WORKER_IMAGE,
-    rabbitmq_image,
-    tutorial_worker_image,
-    worker_image,
-)
 from tests.airflow_context import task_context  # noqa: F401  (tests import it from here)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,31 +58,10 @@ def broker_url() -> str:
 
 
 @pytest.fixture
-def amqp_conn(request: pytest.FixtureRequest, broker_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The default Airflow AMQP connection, pointing at the test broker: where pods reach it too when the
-    test runs pods (``cluster``), at 127.0.0.1 as guest otherwise."""
-    url = request.getfixturevalue("pod_broker_url") if "cluster" in request.fixturenames else broker_url
-    monkeypatch.setenv("AIRFLOW_CONN_AMQP_DEFAULT", url)
+def amqp_conn(broker_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The default Airflow AMQP connection, pointing at the test broker."""
+    monkeypatch.setenv("AIRFLOW_CONN_AMQP_DEFAULT", broker_url)
     return "amqp_default"
-
-
-@pytest.fixture(scope="session")
-def pod_broker_url(broker_url: str, cluster) -> Iterator[str]:
-    """The test broker as Airflow and pods both reach it: at the host's address on the pod network, as a
-    user of its own (RabbitMQ's guest may log in from 127.0.0.1 only)."""
-    from workqueue_provider.amqp.connection import BrokerSettings
-
-    port = BrokerSettings.from_url(broker_url).effective_port
-    user, password = f"wq-pods-{uuid.uuid4().hex[:6]}", "p" + uuid.uuid4().hex
-    try:
-        socket.create_connection((cluster.host_ip, port), timeout=5).close()
-    except OSError as e:
-        pytest.fail(f"the test broker does not listen on {cluster.host_ip}:{port}, where pods reach the host ({e}): "
-                    "it must listen on all interfaces; restart it (scripts/ensure-rabbitmq4.sh stop, for 4.0)")
-    rabbitmqctl("add_user", user, password)
-    rabbitmqctl("set_permissions", "-p", "/", user, ".*", ".*", ".*")
-    yield f"amqp://{user}:{password}@{cluster.host_ip}:{port}/"
-    rabbitmqctl("delete_user", user)
 
 
 @pytest.fixture
@@ -109,21 +78,21 @@ def queue_name(broker_url: str) -> Iterator[str]:
     connection.close()
 
 
+# The seed's worker image, run by the node agent as local processes: with workqueue-consume (ours)
+# and with amqp-consume (the seed's own command, from Debian's amqp-tools).
+WORKER_IMAGES = {
+    "job-wq-1": ["sh", "-c", "exec {venv_bin}/workqueue-consume {python} {repo}/worker/worker.py"],
+    "job-wq-1-amqp-consume": ["sh", "-c",
+                              "exec amqp-consume --url=$BROKER_URL -q $QUEUE -c 1 -- {python} {repo}/worker/worker.py"],
+}
+
+
 @pytest.fixture(scope="session")
 def cluster(local_cluster):
-    """The local cluster (a real node) with the example's images loaded: the worker built from
-    worker/Dockerfile (WORKER_IMAGE), the tutorial's amqp-consume variant and RabbitMQ 4.0."""
-    for build in (worker_image, tutorial_worker_image, rabbitmq_image):
-        local_cluster.load_image(build()[1])
+    """The local control plane with the worker images registered."""
+    for image, entrypoint in WORKER_IMAGES.items():
+        local_cluster.register_image(image, entrypoint=entrypoint)
     return local_cluster
-
-
-_node_ports = iter(random.Random().sample(range(30000, 32768), 2768))
-
-
-def free_node_port() -> int:
-    """A NodePort (30000-32767) no other Service of this test session was given."""
-    return next(_node_ports)
 
 
 @pytest.fixture
@@ -153,13 +122,9 @@ def core(cluster) -> client.CoreV1Api:
 
 
 def worker_output(cluster, core, namespace: str, job_name: str) -> list[str]:
-    """Every line the Job's pods printed: each pod's last run, and the run before it if it restarted
-    (what the kubelet keeps)."""
+    """Every line the Job's pods printed (all pods, all restarts)."""
     pods = core.list_namespaced_pod(namespace, label_selector=f"batch.kubernetes.io/job-name={job_name}").items
     lines = []
     for pod in pods:
-        restarted = any(s.restart_count for s in pod.status.container_statuses or [])
-        if restarted:
-            lines += core.read_namespaced_pod_log(pod.metadata.name, namespace, previous=True).splitlines()
         lines += cluster.read_pod_log(namespace, pod.metadata.name).splitlines()
     return lines

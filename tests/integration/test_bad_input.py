@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from localkube import free_port
-from tests.conftest import WORKER_IMAGE, task_context
+from tests.conftest import task_context
 from workqueue_provider.amqp import queues
 from workqueue_provider.amqp.connection import BrokerSettings, open_connection
 from workqueue_provider.compat import TaskDeferred
@@ -54,7 +54,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 SETUP_ITEMS = ["apple", "banana", "cherry"]
 WRONG_PASSWORD = "s3cr3t-Wr0ng"  # used by the credential cases; no message may ever show it
 MISSING_NAMESPACE = f"wq-missing-{uuid.uuid4().hex[:8]}"
-MISSING_IMAGE = "127.0.0.1:9/no-such-worker:1.0"  # a registry that refuses at once, on the node itself
+MISSING_IMAGE = "registry.example/no-such-worker:1.0"
 HANG_GUARD = 60  # seconds; only keeps a regression from hanging the run
 
 # Values for Case.env; "{...}" placeholders are filled in when the case runs.
@@ -109,7 +109,7 @@ def fill_file(content: bytes | None, **kw: Any) -> Callable[[SimpleNamespace], A
 
 def job(**kw: Any) -> Callable[[SimpleNamespace], Any]:
     def run(t: SimpleNamespace) -> Any:
-        options = {"image": WORKER_IMAGE, "queue_name": t.queue, "namespace": t.namespace, "deferrable": False,
+        options = {"image": "job-wq-1", "queue_name": t.queue, "namespace": t.namespace, "deferrable": False,
                    "poll_interval": 0.5, "timeout": HANG_GUARD, **kw}
         return QueueJobOperator(task_id="run_job", **options).execute(task_context())
     return run

@@ -6,21 +6,25 @@ EnsureBrokerOperator starts as a StatefulSet in a container (RabbitMQ 4.0) that 
 from __future__ import annotations
 
 import json
+import random
 import secrets
+import subprocess
 from pathlib import Path
 
 import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from tests.conftest import (
+from localkube import LocalCluster
+from scripts.real_node_images import (
     RABBITMQ_IMAGE,
     TUTORIAL_WORKER_IMAGE,
     WORKER_IMAGE,
-    free_node_port,
-    task_context,
-    worker_output,
+    rabbitmq_image,
+    tutorial_worker_image,
+    worker_image,
 )
+from tests.conftest import task_context, worker_output
 from workqueue_provider.exceptions import JobError
 from workqueue_provider.kube.job_manifest import WORKER_UID
 from workqueue_provider.operators.broker import EnsureBrokerOperator
@@ -32,14 +36,29 @@ pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.timeout(
 
 
 @pytest.fixture(scope="module")
-def real_node(cluster):
-    """The session's local cluster: a real node with the images loaded."""
-    return cluster
+def real_node(pytestconfig):
+    archives = [worker_image()[1], rabbitmq_image()[1], tutorial_worker_image()[1]]
+    with LocalCluster(node="kubelet", repo=pytestconfig.rootpath) as cluster:
+        for archive in archives:
+            cluster.load_image(archive)
+        yield cluster
 
 
-def test_the_worker_image_from_the_dockerfile_processes_every_item_on_a_real_node(real_node, pod_broker_url, queue_name,
+@pytest.fixture
+def pod_user(broker_url):
+    """A broker user the pods can log in as from the pod network (RabbitMQ's guest is loopback-only)."""
+    user, password = f"wq-node-{secrets.token_hex(4)}", "p" + secrets.token_urlsafe(18)
+    for args in (["add_user", user, password], ["set_permissions", "-p", "/", user, ".*", ".*", ".*"]):
+        result = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+    yield user, password
+    subprocess.run(["rabbitmqctl", "delete_user", user], capture_output=True, timeout=60)
+
+
+def test_the_worker_image_from_the_dockerfile_processes_every_item_on_a_real_node(real_node, pod_user, queue_name,
                                                                                    monkeypatch):
-    monkeypatch.setenv("AIRFLOW_CONN_AMQP_NODE", pod_broker_url)
+    user, password = pod_user
+    monkeypatch.setenv("AIRFLOW_CONN_AMQP_NODE", f"amqp://{user}:{password}@127.0.0.1:5672/")
     monkeypatch.setenv("AIRFLOW_CONN_KUBE_NODE", json.dumps(
         {"conn_type": "kubernetes", "extra": {"kube_config_path": str(real_node.kubeconfig)}}))
     items = [f"item-{i}" for i in range(6)]
@@ -48,7 +67,7 @@ def test_the_worker_image_from_the_dockerfile_processes_every_item_on_a_real_nod
 
     summary = QueueJobOperator(
         task_id="run", image=WORKER_IMAGE, image_pull_policy="IfNotPresent", queue_name=queue_name, parallelism=2,
-        deferrable=False, poll_interval=1, timeout=600,
+        pod_broker_host=real_node.kubelet_node.host_ip, deferrable=False, poll_interval=1, timeout=600,
         image_pull_grace_seconds=120, kubernetes_conn_id="kube_node", amqp_conn_id="amqp_node",
     ).execute(task_context())
 
@@ -62,13 +81,14 @@ def test_the_worker_image_from_the_dockerfile_processes_every_item_on_a_real_nod
     assert all(p.spec.security_context.run_as_user == WORKER_UID for p in pods)  # the image's numeric non-root user
 
 
-def test_a_latest_tag_is_pulled_unless_image_pull_policy_says_otherwise(real_node, pod_broker_url, queue_name, monkeypatch):
+def test_a_latest_tag_is_pulled_unless_image_pull_policy_says_otherwise(real_node, pod_user, queue_name, monkeypatch):
     """``:latest`` means "always pull": with no registry the pods wait on ErrImagePull/ImagePullBackOff, and
     the run fails naming the image (and deletes its Job); image_pull_policy="IfNotPresent" runs the image
     already on the node."""
     latest = "127.0.0.1:9/job-wq-1:latest"  # a registry that refuses at once, on this machine
     real_node.kubelet_node.tag_image(WORKER_IMAGE, latest)
-    monkeypatch.setenv("AIRFLOW_CONN_AMQP_NODE", pod_broker_url)
+    user, password = pod_user
+    monkeypatch.setenv("AIRFLOW_CONN_AMQP_NODE", f"amqp://{user}:{password}@127.0.0.1:5672/")
     monkeypatch.setenv("AIRFLOW_CONN_KUBE_NODE", json.dumps(
         {"conn_type": "kubernetes", "extra": {"kube_config_path": str(real_node.kubeconfig)}}))
     DeclareQueueOperator(task_id="declare", queue_name=queue_name, amqp_conn_id="amqp_node").execute(task_context())
@@ -77,7 +97,7 @@ def test_a_latest_tag_is_pulled_unless_image_pull_policy_says_otherwise(real_nod
     def job(task_id: str, policy: str | None) -> QueueJobOperator:
         return QueueJobOperator(
             task_id=task_id, image=latest, image_pull_policy=policy, queue_name=queue_name, parallelism=2,
-            deferrable=False, poll_interval=1, timeout=300,
+            pod_broker_host=real_node.kubelet_node.host_ip, deferrable=False, poll_interval=1, timeout=300,
             image_pull_grace_seconds=15, kubernetes_conn_id="kube_node", amqp_conn_id="amqp_node")
 
     pulls = job("pulls", None)
@@ -94,7 +114,7 @@ def test_a_latest_tag_is_pulled_unless_image_pull_policy_says_otherwise(real_nod
 def test_the_tutorials_broker_runs_in_a_container_and_pods_reach_it_by_service_name(real_node, monkeypatch):
     """EnsureBrokerOperator starts RabbitMQ (the StatefulSet and rabbitmq-service) in a container; Airflow on the
     host reaches it through a NodePort, the Job's pods as ``rabbitmq-service:5672`` through cluster DNS."""
-    node_port = free_node_port()
+    node_port = random.randrange(30000, 32768)
     password = "p" + secrets.token_urlsafe(18)
     monkeypatch.setenv("AIRFLOW_CONN_AMQP_INCLUSTER",
                        f"amqp://workqueue:{password}@{real_node.kubelet_node.node_ip}:{node_port}/")

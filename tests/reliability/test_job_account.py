@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import task_context
 from tests.integration.test_job_side import run_trigger
-from tests.reliability.test_job_faults import job_op, processed, shared_folder, worker_script
+from tests.reliability.test_job_faults import job_op, processed, worker_script
 from workqueue_provider.compat import TaskDeferred
 from workqueue_provider.exceptions import JobError
 from workqueue_provider.operators.queue import DeclareQueueOperator, DeleteQueueOperator, FillQueueOperator
@@ -130,7 +130,7 @@ def test_a_relaunch_while_killed_pods_still_hold_items_counts_those_items(amqp_c
     once, before those pods have let go. Completions must count the held (unacked) items too, not just the
     ready ones, or the new Job ends with items left."""
     started, gate = tmp_path / "started", tmp_path / "go"
-    shared_folder(started)
+    started.mkdir()
     # the worker notes its item, waits for the gate, and on SIGTERM gives up its item only after 3 s
     command = worker_script(tmp_path, f'trap "sleep 3; exit 143" TERM\ntouch "{started}/$item"\n'
                                       f'while [ ! -e {gate} ]; do sleep 0.2; done\n{PRINT}')

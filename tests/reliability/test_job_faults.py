@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,7 +15,7 @@ import pytest
 import structlog.testing
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from tests.conftest import WORKER_IMAGE, task_context, worker_output
+from tests.conftest import task_context, worker_output
 from workqueue_provider.compat import TaskDeferred
 from workqueue_provider.exceptions import JobError
 from workqueue_provider.hooks import kubernetes_async
@@ -25,6 +26,7 @@ from workqueue_provider.operators.queue import DeclareQueueOperator, FillQueueOp
 from workqueue_provider.triggers.job import JobCompleteTrigger
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster]
+VENV_BIN = Path(sys.executable).parent
 
 
 def filled(queue, items, **declare):
@@ -32,35 +34,19 @@ def filled(queue, items, **declare):
     FillQueueOperator(task_id="fill", queue_name=queue, items=items).execute(task_context())
 
 
-def worker_script(tmp_path: Path, body: str, **pod_spec) -> dict:
-    """A Job's worker: the worker image's workqueue-consume running ``sh <script>`` per item (the item on
-    stdin, in ``$item``). The script is written to ``tmp_path``, which the pods mount (hostPath) at the same
-    path, writable by their non-root user: the test and the workers share files there (markers, gates).
-    ``pod_spec``: more pod spec fields."""
-    shared_folder(tmp_path)
+def worker_script(tmp_path: Path, body: str) -> list[str]:
+    """A Job command: workqueue-consume running ``sh <script>`` per item (the item on stdin)."""
     script = tmp_path / "worker.sh"
     script.write_text("item=$(cat)\n" + body)
-    volume = {"name": "shared", "hostPath": {"path": str(tmp_path), "type": "Directory"}}
-    mount = {"name": "shared", "mountPath": str(tmp_path)}
-    return {"command": ["workqueue-consume", "sh", str(script)],
-            "pod_template": {"spec": {"volumes": [volume], "containers": [{"name": "worker", "volumeMounts": [mount]}],
-                                      **pod_spec}}}
+    return ["sh", "-c", f"exec {VENV_BIN}/workqueue-consume sh {script}"]
 
 
-def shared_folder(path: Path) -> Path:
-    """``path`` (made if missing) writable by the pods' non-root user."""
-    path.mkdir(exist_ok=True)
-    path.chmod(0o777)
-    return path
-
-
-def job_op(queue, namespace, worker: dict | list[str], **kwargs):
-    """QueueJobOperator on the worker image with ``worker`` (a worker_script(), or a command)."""
-    kwargs = {**(worker if isinstance(worker, dict) else {"command": worker}), **kwargs}
+def job_op(queue, namespace, command, **kwargs):
     kwargs.setdefault("deferrable", False)
     kwargs.setdefault("poll_interval", 0.5)
     kwargs.setdefault("timeout", 300)
-    return QueueJobOperator(task_id="run_job", queue_name=queue, namespace=namespace, image=WORKER_IMAGE, **kwargs)
+    return QueueJobOperator(task_id="run_job", queue_name=queue, namespace=namespace, image="job-wq-1",
+                            command=command, **kwargs)
 
 
 def processed(cluster, core, namespace, job_name) -> list[str]:
@@ -122,7 +108,7 @@ if [ "$item" = victim ] && mkdir {marker} 2>/dev/null; then
   exit 1
 fi
 echo "Processing $item"
-""", shareProcessNamespace=True)  # the consumer is not the pid namespace's init then, which SIGKILL can't end
+""")
     summary = job_op(queue_name, namespace, command).execute(task_context())
     assert summary["succeeded"] == 4 and summary["items_left"] == 0
     account = {k: summary["account"][k] for k in ("filled", "processed", "dead_lettered", "left", "lost", "duplicated")}

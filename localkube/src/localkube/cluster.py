@@ -57,15 +57,7 @@ CONTROLLERS = [
 ]
 #: with a real kubelet: the not-ready taint it registers with is lifted once the node is Ready (and a node
 #: that stops reporting is tainted and its pods evicted, as on any cluster)
-KUBELET_NODE_CONTROLLERS = [
-    "node-lifecycle-controller",
-    "endpointslice-controller",  # kube-proxy and CoreDNS read EndpointSlices
-    # PersistentVolumeClaims bind to PersistentVolumes (a StatefulSet's volumeClaimTemplates); the claims'
-    # and volumes' protection finalizers are lifted once nothing uses them
-    "persistentvolume-binder-controller",
-    "persistentvolumeclaim-protection-controller",
-    "persistentvolume-protection-controller",
-]
+KUBELET_NODE_CONTROLLERS = ["node-lifecycle-controller", "endpointslice-controller"]  # kube-proxy reads EndpointSlices
 NODES = ("agent", "kubelet")  # the node agent (pods as host processes), or a real kubelet (kubelet_node.py)
 
 #: Users with a token in the token-auth-file.  "admin" is in system:masters;
@@ -162,12 +154,6 @@ class LocalCluster(ClusterAccess, ClusterObservation):
         if self.kubelet_node is None:
             raise ClusterError("load_image needs LocalCluster(node=\"kubelet\"); the node agent uses register_image")
         self.kubelet_node.load_image(Path(archive))
-
-    @property
-    def host_ip(self) -> str:
-        """The host as pods see it: a broker or any server on the host that listens there is reachable
-        from pods (the host's end of the real node's link; 127.0.0.1 with the node agent)."""
-        return self.kubelet_node.host_ip if self.kubelet_node is not None else "127.0.0.1"
 
     @property
     def ca_path(self) -> str:

@@ -1,6 +1,4 @@
-"""pytest plugin: a session-scoped ``local_cluster`` fixture (a started LocalCluster with a real node: the
-kubelet, containerd, CNI networking, kube-proxy and CoreDNS; ``localkube_node = agent`` in the pytest ini
-options starts the node agent instead).
+"""pytest plugin: a session-scoped ``local_cluster`` fixture (a started LocalCluster).
 
 Registered through the ``pytest11`` entry point: installing localkube enables it.
 
@@ -25,11 +23,6 @@ def _wants_cluster(items) -> bool:
     return any("local_cluster" in getattr(item, "fixturenames", ()) for item in items)
 
 
-def pytest_addoption(parser):
-    parser.addini("localkube_node", "the node local_cluster starts: kubelet (a real node) or agent",
-                  default="kubelet")
-
-
 def pytest_collection_finish(session):
     if _wants_cluster(session.items) and not session.config.option.collectonly:
         try:
@@ -45,7 +38,7 @@ def local_cluster(pytestconfig):
     if "error" in _build:
         raise ClusterError(f"building the local control plane failed: {_build['error']}")
     bin_dir = _build.get("bin_dir") or ensure_built()
-    cluster = LocalCluster(bin_dir=bin_dir, repo=pytestconfig.rootpath, node=pytestconfig.getini("localkube_node"))
+    cluster = LocalCluster(bin_dir=bin_dir, repo=pytestconfig.rootpath)
     cluster.start()
     try:
         yield cluster
