@@ -9,7 +9,7 @@ if [ ! -x "$chromium" ]; then
   echo "ensure-chromium: installing Debian's chromium" >&2
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends chromium fonts-liberation >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends chromium fonts-liberation >/dev/null
 fi
 "$chromium" --version >&2 || { echo "ensure-chromium: $chromium does not run" >&2; exit 1; }
 echo "$chromium"

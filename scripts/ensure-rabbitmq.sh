@@ -11,7 +11,7 @@ if [ ${#need[@]} -gt 0 ]; then
   echo "ensure-rabbitmq: installing ${need[*]}" >&2
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get -o DPkg::Lock::Timeout=900 install -y -qq "${need[@]}" >/dev/null
   # Debian's postinst may start the service; we manage the node ourselves below.
 fi
 answers() { timeout 2 bash -c 'exec 3<>/dev/tcp/127.0.0.1/5672' 2>/dev/null; }

@@ -54,7 +54,7 @@ build_rootfs() {
   if ! command -v debootstrap >/dev/null; then
     say "installing debootstrap"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=900 install -y -qq debootstrap >/dev/null
   fi
   # The Debian mirror this machine's apt uses (deb.debian.org unless configured otherwise).
   local mirror

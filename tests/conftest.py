@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import socket
 import subprocess
 import tempfile
 import uuid
@@ -13,6 +15,14 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
+from scripts.real_node_images import (  # noqa: F401  (tests import the image names from here)
+    RABBITMQ_IMAGE,
+    TUTORIAL_WORKER_IMAGE,
+    WORKER_IMAGE,
+    rabbitmq_image,
+    tutorial_worker_image,
+    worker_image,
+)
 from tests.airflow_context import task_context  # noqa: F401  (tests import it from here)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,10 +68,31 @@ def broker_url() -> str:
 
 
 @pytest.fixture
-def amqp_conn(broker_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The default Airflow AMQP connection, pointing at the test broker."""
-    monkeypatch.setenv("AIRFLOW_CONN_AMQP_DEFAULT", broker_url)
+def amqp_conn(request: pytest.FixtureRequest, broker_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The default Airflow AMQP connection, pointing at the test broker: where the real node's pods reach
+    it too for tests marked ``real_node``, at 127.0.0.1 as guest otherwise."""
+    url = request.getfixturevalue("pod_broker_url") if on_the_real_node(request) else broker_url
+    monkeypatch.setenv("AIRFLOW_CONN_AMQP_DEFAULT", url)
     return "amqp_default"
+
+
+@pytest.fixture(scope="session")
+def pod_broker_url(broker_url: str, real_cluster) -> Iterator[str]:
+    """The test broker as Airflow and the real node's pods both reach it: at the host's address on the pod
+    network, as a user of its own (RabbitMQ's guest may log in from 127.0.0.1 only)."""
+    from workqueue_provider.amqp.connection import BrokerSettings
+
+    port = BrokerSettings.from_url(broker_url).effective_port
+    user, password = f"wq-pods-{uuid.uuid4().hex[:6]}", "p" + uuid.uuid4().hex
+    try:
+        socket.create_connection((real_cluster.host_ip, port), timeout=5).close()
+    except OSError as e:
+        pytest.fail(f"the test broker does not listen on {real_cluster.host_ip}:{port}, where pods reach the host "
+                    f"({e}): it must listen on all interfaces")
+    rabbitmqctl("add_user", user, password)
+    rabbitmqctl("set_permissions", "-p", "/", user, ".*", ".*", ".*")
+    yield f"amqp://{user}:{password}@{real_cluster.host_ip}:{port}/"
+    rabbitmqctl("delete_user", user)
 
 
 @pytest.fixture
@@ -88,11 +119,40 @@ WORKER_IMAGES = {
 
 
 @pytest.fixture(scope="session")
-def cluster(local_cluster):
-    """The local control plane with the worker images registered."""
+def agent_cluster(local_cluster):
+    """The local control plane and the node agent, with the worker images registered."""
     for image, entrypoint in WORKER_IMAGES.items():
         local_cluster.register_image(image, entrypoint=entrypoint)
     return local_cluster
+
+
+@pytest.fixture(scope="session")
+def real_cluster(local_node_cluster):
+    """The local control plane and a real node, with the example's images loaded: the worker built from
+    worker/Dockerfile (WORKER_IMAGE), the tutorial's amqp-consume variant and RabbitMQ 4.0."""
+    for build in (worker_image, tutorial_worker_image, rabbitmq_image):
+        local_node_cluster.load_image(build()[1])
+    return local_node_cluster
+
+
+_node_ports = iter(random.Random().sample(range(30000, 32768), 2768))
+
+
+def free_node_port() -> int:
+    """A NodePort (30000-32767) no other Service of this test session was given."""
+    return next(_node_ports)
+
+
+def on_the_real_node(request: pytest.FixtureRequest) -> bool:
+    """Whether the test runs its pods on the real node: the suite moves there module by module, each
+    marked ``real_node``; the others still run on the node agent."""
+    return request.node.get_closest_marker("real_node") is not None
+
+
+@pytest.fixture
+def cluster(request: pytest.FixtureRequest):
+    """The cluster the test's pods run on: the real node (``real_node`` tests) or the node agent."""
+    return request.getfixturevalue("real_cluster" if on_the_real_node(request) else "agent_cluster")
 
 
 @pytest.fixture
@@ -122,9 +182,12 @@ def core(cluster) -> client.CoreV1Api:
 
 
 def worker_output(cluster, core, namespace: str, job_name: str) -> list[str]:
-    """Every line the Job's pods printed (all pods, all restarts)."""
+    """Every line the Job's pods printed: all pods, all restarts (on a real node: each pod's last run and,
+    if it restarted, the run before it, which is what the kubelet keeps)."""
     pods = core.list_namespaced_pod(namespace, label_selector=f"batch.kubernetes.io/job-name={job_name}").items
     lines = []
     for pod in pods:
+        if cluster.node == "kubelet" and any(s.restart_count for s in pod.status.container_statuses or []):
+            lines += core.read_namespaced_pod_log(pod.metadata.name, namespace, previous=True).splitlines()
         lines += cluster.read_pod_log(namespace, pod.metadata.name).splitlines()
     return lines

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
-from scripts.demo import LOCAL_BROKER, dag_run_succeeded, run_example_dag
+from scripts.demo import dag_run_succeeded, run_example_dag
+from tests.conftest import WORKER_IMAGE
 from workqueue_provider.hooks.amqp import AmqpHook
 
-pytestmark = [pytest.mark.integration, pytest.mark.cluster]
+pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.real_node]
 REPO = Path(__file__).resolve().parents[2]
 
 #: each DAG in dags/, and the end-to-end test that runs it
@@ -40,10 +41,11 @@ def test_every_dag_in_dags_has_an_end_to_end_test():
         assert callable(getattr(importlib.import_module(module), name, None)), f"{target} does not exist"
 
 
-def test_the_example_dag_processes_every_item_once_and_deletes_its_queue(broker_url, cluster, tmp_path, monkeypatch):
+def test_the_example_dag_processes_every_item_once_and_deletes_its_queue(broker_url, pod_broker_url, cluster, tmp_path,
+                                                                        monkeypatch):
     items = ["apple", "banana", "cherry", "date", "fig", "grape", "lemon", "melon"]
     result = run_example_dag(str(cluster.kubeconfig), str(tmp_path), {"items": items, "parallelism": 2},
-                             amqp_url=LOCAL_BROKER, echo=False)
+                             amqp_url=pod_broker_url, extra_env={"WORKQUEUE_WORKER_IMAGE": WORKER_IMAGE}, echo=False)
     assert dag_run_succeeded(result), result.stdout[-5000:]
     for task in ("start_broker", "declare_queue", "fill_queue", "run_job", "wait_for_job", "delete_queue"):
         assert f"task_id='{task}'" in result.stdout, f"{task} did not run"

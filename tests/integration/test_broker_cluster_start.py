@@ -47,10 +47,18 @@ from workqueue_provider.operators.broker import EnsureBrokerOperator
 
 pytestmark = [pytest.mark.cluster, pytest.mark.integration]
 
-kube_env = one_node.kube_env  # the fixture: Airflow's kubernetes_default connection on the local control plane
+
+@pytest.fixture(scope="module")
+def kube_env(agent_cluster):
+    """Airflow's kubernetes_default connection on the local control plane, whose node agent runs the three
+    RabbitMQ nodes as local rabbitmq-server processes."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AIRFLOW_CONN_KUBERNETES_DEFAULT", one_node.kubernetes_connection(agent_cluster))
+        yield agent_cluster
+
 
 REPLICAS = 3
-IMAGE = "rabbitmq-three-local-nodes"  # its own image-table entry: test_broker_start's "rabbitmq" stays as it is
+IMAGE = "rabbitmq-three-local-nodes"  # its own image-table entry: test_broker_start's rabbitmq image runs on the real node
 CLUSTER_OBJECTS = ["Secret/rabbitmq-credentials", "Secret/rabbitmq-erlang-cookie", "Service/rabbitmq-nodes",
                    "ConfigMap/rabbitmq-cluster", "Service/rabbitmq-service", "StatefulSet/rabbitmq"]
 

@@ -1,9 +1,6 @@
-"""EnsureBrokerOperator on the real control plane, with a real local rabbitmq-server as the broker pod.
-
-The node agent runs the StatefulSet's ``rabbitmq`` image as a private rabbitmq-server node
-(localkube/src/localkube/images/rabbitmq-local.sh) on a free AMQP port; the Airflow connection points at
-127.0.0.1:<that port> (the pod's address on the local node). The main test broker on 5672 stands for
-"a broker already answers".
+"""EnsureBrokerOperator on the local cluster's real node: the StatefulSet runs RabbitMQ 4.0 in a container
+(RABBITMQ_IMAGE), exposed on a NodePort; the Airflow connection points at <node IP>:<that port>. The main
+test broker stands for "a broker already answers".
 """
 
 from __future__ import annotations
@@ -11,15 +8,17 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import time
 import uuid
+from urllib.parse import urlsplit
 
 import pika
 import pytest
 import structlog.testing
 
 from localkube import free_port
-from tests.conftest import task_context
+from tests.conftest import RABBITMQ_IMAGE, free_node_port, task_context
 from workqueue_provider.exceptions import (
     BrokerUnreachableError,
     ConfigurationError,
@@ -30,25 +29,10 @@ from workqueue_provider.exceptions import (
 from workqueue_provider.hooks.amqp import AmqpHook
 from workqueue_provider.operators.broker import EnsureBrokerOperator
 
-pytestmark = [pytest.mark.cluster, pytest.mark.integration]
+pytestmark = [pytest.mark.cluster, pytest.mark.integration, pytest.mark.real_node]
 
-LOCAL_RABBITMQ_SCRIPT = "{repo}/localkube/src/localkube/images/rabbitmq-local.sh"
-
-
-def register_local_rabbitmq(cluster) -> int:
-    """Make the node agent run image ``rabbitmq`` as a private rabbitmq-server node; its AMQP port."""
-    amqp_port = free_port()
-    cluster.register_image("rabbitmq", entrypoint=[LOCAL_RABBITMQ_SCRIPT], env={
-        "RABBITMQ_NODENAME": "{namespace}-{pod}@localhost",
-        "RABBITMQ_POD_DIR": "{pod_dir}",
-        "RABBITMQ_NODE_PORT": str(amqp_port),
-        "RABBITMQ_DIST_PORT": str(free_port()),
-    })
-    return amqp_port
-
-
-def amqp_connection(port: int, **extra) -> str:
-    return json.dumps({"conn_type": "amqp", "host": "127.0.0.1", "port": port, "extra": extra})
+def amqp_connection(port: int, host: str = "127.0.0.1", **extra) -> str:
+    return json.dumps({"conn_type": "amqp", "host": host, "port": port, "extra": extra})
 
 
 def kubernetes_connection(cluster) -> str:
@@ -71,7 +55,7 @@ def create_namespace(cluster) -> str:
 
 
 def delete_namespace(cluster, name: str, *, wait: float = 0) -> None:
-    """Delete it; with ``wait``, until its pods are gone (their processes stopped by the agent)."""
+    """Delete it; with ``wait``, until its pods are gone."""
     core, _ = clients(cluster)
     core.delete_namespace(name)
     deadline = time.monotonic() + wait
@@ -92,11 +76,11 @@ def objects_in(cluster, namespace: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def kube_env(local_cluster):
-    """Airflow's kubernetes_default connection points at the local control plane."""
+def kube_env(real_cluster):
+    """Airflow's kubernetes_default connection points at the local cluster (the real node)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AIRFLOW_CONN_KUBERNETES_DEFAULT", kubernetes_connection(local_cluster))
-        yield local_cluster
+        mp.setenv("AIRFLOW_CONN_KUBERNETES_DEFAULT", kubernetes_connection(real_cluster))
+        yield real_cluster
 
 
 @pytest.fixture
@@ -108,9 +92,9 @@ def namespace(kube_env):
 
 @pytest.fixture(scope="module")
 def started_broker(kube_env, broker_url):
-    """One broker started by the operator for the module: (namespace, amqp port, result, captured output)."""
+    """One broker started by the operator for the module: (namespace, node IP, its NodePort, result, captured output)."""
     cluster = kube_env
-    port = register_local_rabbitmq(cluster)
+    host, port = cluster.kubelet_node.node_ip, free_node_port()
     ns = create_namespace(cluster)
     records: list[logging.LogRecord] = []
 
@@ -124,19 +108,19 @@ def started_broker(kube_env, broker_url):
     root.addHandler(handler)
     root.setLevel(logging.DEBUG)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AIRFLOW_CONN_AMQP_LOCAL", amqp_connection(port, credentials_secret="rabbitmq-credentials",
+        mp.setenv("AIRFLOW_CONN_AMQP_LOCAL", amqp_connection(port, host, credentials_secret="rabbitmq-credentials",
                                                              credentials_namespace=ns))
         try:
             started = time.monotonic()
             with structlog.testing.capture_logs() as task_log:  # the task logger is structlog's
-                result = EnsureBrokerOperator(task_id="ensure_broker", amqp_conn_id="amqp_local",
-                                              startup_timeout=120).execute(task_context())
+                result = EnsureBrokerOperator(task_id="ensure_broker", amqp_conn_id="amqp_local", image=RABBITMQ_IMAGE,
+                                              node_port=port, startup_timeout=300).execute(task_context())
             seconds = time.monotonic() - started
         finally:
             root.removeHandler(handler)
             root.setLevel(old_level)
         lines = [repr(event) for event in task_log] + [record.getMessage() for record in records]
-        yield {"namespace": ns, "port": port, "result": result, "log_lines": lines, "seconds": seconds}
+        yield {"namespace": ns, "host": host, "port": port, "result": result, "log_lines": lines, "seconds": seconds}
     delete_namespace(cluster, ns, wait=40)
 
 
@@ -147,16 +131,16 @@ def secret_credentials(cluster, namespace: str) -> tuple[str, str]:
 
 
 def test_missing_broker_is_started_with_a_generated_password(started_broker, kube_env, monkeypatch):
-    cluster, ns, port = kube_env, started_broker["namespace"], started_broker["port"]
+    cluster, ns, host, port = kube_env, started_broker["namespace"], started_broker["host"], started_broker["port"]
     result = started_broker["result"]
-    assert result == {"started": True, "address": f"127.0.0.1:{port}", "namespace": ns,
+    assert result == {"started": True, "address": f"{host}:{port}", "namespace": ns,
                       "created": ["Secret/rabbitmq-credentials", "Service/rabbitmq-service", "StatefulSet/rabbitmq"]}
     username, password = secret_credentials(cluster, ns)
     assert username == "workqueue" and password != "guest" and len(password) >= 32
 
     core, apps = clients(cluster)
     service = core.read_namespaced_service("rabbitmq-service", ns)
-    assert [(p.port, p.target_port) for p in service.spec.ports] == [(5672, 5672)]
+    assert [(p.port, p.target_port, p.node_port) for p in service.spec.ports] == [(5672, 5672, port)]
     sts = apps.read_namespaced_stateful_set("rabbitmq", ns)
     assert (sts.spec.replicas, sts.spec.service_name) == (1, "rabbitmq-service")
     env = {e.name: e.value_from.secret_key_ref.name for e in sts.spec.template.spec.containers[0].env}
@@ -166,14 +150,14 @@ def test_missing_broker_is_started_with_a_generated_password(started_broker, kub
     assert any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions)
 
     # Airflow logs in with the Secret's credentials through the connection's credentials_secret
-    monkeypatch.setenv("AIRFLOW_CONN_AMQP_LOCAL", amqp_connection(port, credentials_secret="rabbitmq-credentials",
+    monkeypatch.setenv("AIRFLOW_CONN_AMQP_LOCAL", amqp_connection(port, host, credentials_secret="rabbitmq-credentials",
                                                                    credentials_namespace=ns))
     hook = AmqpHook(amqp_conn_id="amqp_local")
     ok, message = hook.test_connection()
     assert ok, message
     assert hook.settings.login == "workqueue"
     with pytest.raises(pika.exceptions.ProbableAuthenticationError):
-        pika.BlockingConnection(pika.URLParameters(f"amqp://guest:guest@127.0.0.1:{port}/"))
+        pika.BlockingConnection(pika.URLParameters(f"amqp://guest:guest@{host}:{port}/"))
 
     # the password is in no log line (task log and library loggers), pod log or the return value
     lines = started_broker["log_lines"]
@@ -185,14 +169,15 @@ def test_missing_broker_is_started_with_a_generated_password(started_broker, kub
 
 
 def test_running_again_changes_nothing(started_broker, kube_env):
-    ns, port = started_broker["namespace"], started_broker["port"]
+    ns, host, port = started_broker["namespace"], started_broker["host"], started_broker["port"]
     before = objects_in(kube_env, ns)
     pod_uid = clients(kube_env)[0].read_namespaced_pod("rabbitmq-0", ns).metadata.uid
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AIRFLOW_CONN_AMQP_LOCAL", amqp_connection(port, credentials_secret="rabbitmq-credentials",
+        mp.setenv("AIRFLOW_CONN_AMQP_LOCAL", amqp_connection(port, host, credentials_secret="rabbitmq-credentials",
                                                              credentials_namespace=ns))
-        result = EnsureBrokerOperator(task_id="ensure_broker", amqp_conn_id="amqp_local").execute(task_context())
-    assert result == {"started": False, "address": f"127.0.0.1:{port}", "namespace": ns, "created": []}
+        result = EnsureBrokerOperator(task_id="ensure_broker", amqp_conn_id="amqp_local", image=RABBITMQ_IMAGE,
+                                      node_port=port).execute(task_context())
+    assert result == {"started": False, "address": f"{host}:{port}", "namespace": ns, "created": []}
     assert objects_in(kube_env, ns) == before
     assert clients(kube_env)[0].read_namespaced_pod("rabbitmq-0", ns).metadata.uid == pod_uid
 
@@ -218,7 +203,9 @@ def test_existing_objects_are_kept_and_a_timeout_names_what_is_missing(started_b
 
 def test_a_broker_that_answers_is_left_alone(amqp_conn, namespace, kube_env):
     result = EnsureBrokerOperator(task_id="ensure_broker", namespace=namespace).execute(task_context())
-    assert result == {"started": False, "address": "127.0.0.1:5672", "namespace": namespace, "created": []}
+    answering = urlsplit(os.environ["AIRFLOW_CONN_AMQP_DEFAULT"])
+    assert result == {"started": False, "address": f"{answering.hostname}:{answering.port}", "namespace": namespace,
+                      "created": []}
     assert objects_in(kube_env, namespace) == {}
 
 

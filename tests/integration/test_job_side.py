@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sys
+import os
 import time
-from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import structlog.testing
 
-from tests.conftest import task_context, worker_output
+from tests.conftest import TUTORIAL_WORKER_IMAGE, WORKER_IMAGE, task_context, worker_output
 from workqueue_provider.compat import AirflowSkipException
 from workqueue_provider.exceptions import ConfigurationError, JobError
 from workqueue_provider.hooks.amqp import AmqpHook
@@ -22,8 +22,7 @@ from workqueue_provider.sensors.job import JobCompleteSensor
 from workqueue_provider.triggers.amqp_message import AmqpMessageTrigger
 from workqueue_provider.triggers.job import JobCompleteTrigger
 
-pytestmark = [pytest.mark.integration, pytest.mark.cluster]
-VENV_BIN = Path(sys.executable).parent
+pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.real_node]
 FRUIT = ["apple", "banana", "cherry", "date", "fig", "grape", "lemon", "melon"]
 
 
@@ -33,7 +32,7 @@ def filled(queue, items=FRUIT, **declare):
 
 
 def job_op(queue, namespace, **kwargs):
-    kwargs.setdefault("image", "job-wq-1")
+    kwargs.setdefault("image", WORKER_IMAGE)
     kwargs.setdefault("deferrable", False)
     kwargs.setdefault("poll_interval", 0.5)
     return QueueJobOperator(task_id="run_job", queue_name=queue, namespace=namespace, **kwargs)
@@ -46,7 +45,7 @@ def run_trigger(trigger):
     return asyncio.run(first_event())
 
 
-@pytest.mark.parametrize("image", ["job-wq-1", "job-wq-1-amqp-consume"])
+@pytest.mark.parametrize("image", [WORKER_IMAGE, TUTORIAL_WORKER_IMAGE])
 def test_the_seed_job_processes_every_item_once(amqp_conn, kube_conn, cluster, core, batch, namespace, queue_name, image):
     filled(queue_name, queue_type="classic")
     summary = job_op(queue_name, namespace, image=image).execute(task_context())
@@ -63,7 +62,8 @@ def test_the_password_reaches_pods_only_through_an_owned_secret(amqp_conn, kube_
     launched = op.execute(task_context())
     job = batch.read_namespaced_job(launched["job_name"], namespace)
     manifest = json.dumps(batch.api_client.sanitize_for_serialization(job))
-    assert "guest:guest" not in manifest
+    password = urlsplit(os.environ["AIRFLOW_CONN_AMQP_DEFAULT"]).password
+    assert password and password not in manifest
     env = {e.name: e for e in job.spec.template.spec.containers[0].env}
     assert env["BROKER_URL"].value is None and env["BROKER_URL"].value_from.secret_key_ref.key == "BROKER_URL"
     secret = core.read_namespaced_secret(env["BROKER_URL"].value_from.secret_key_ref.name, namespace)
@@ -77,7 +77,10 @@ def test_pods_can_use_another_broker_address(amqp_conn, kube_conn, cluster, core
     name = op.execute(task_context())["job_name"]
     secret = core.read_namespaced_secret(f"{name}-broker", namespace)
     import base64
-    assert base64.b64decode(secret.data["BROKER_URL"]).decode().startswith("amqp://guest:guest@rabbitmq-service:5672/")
+    pod_url = urlsplit(base64.b64decode(secret.data["BROKER_URL"]).decode())
+    conn_url = urlsplit(os.environ["AIRFLOW_CONN_AMQP_DEFAULT"])
+    assert (pod_url.hostname, pod_url.port) == ("rabbitmq-service", 5672)
+    assert (pod_url.username, pod_url.password) == (conn_url.username, conn_url.password)
 
 
 def test_a_worker_that_fails_every_item_fails_with_the_reason(amqp_conn, kube_conn, cluster, namespace, queue_name):
@@ -94,7 +97,7 @@ def test_a_worker_that_fails_every_item_fails_with_the_reason(amqp_conn, kube_co
 def test_amqp_consume_with_a_failing_worker_leaves_items_and_the_sensor_says_how_many(amqp_conn, kube_conn, cluster,
                                                                                      namespace, queue_name):
     filled(queue_name, items=["a", "b", "c"], queue_type="classic")
-    op = job_op(queue_name, namespace, image="job-wq-1-amqp-consume",
+    op = job_op(queue_name, namespace, image=TUTORIAL_WORKER_IMAGE,
                 command=["sh", "-c", "exec amqp-consume --url=$BROKER_URL -q $QUEUE -c 1 -- sh -c 'exit 1'"])
     with pytest.raises(JobError, match=r"is Complete but 3 item\(s\) are still in queue"):
         op.execute(task_context())
@@ -206,17 +209,18 @@ def test_the_trigger_times_out(amqp_conn, kube_conn, cluster, namespace, queue_n
 
 
 def test_killing_the_deferred_task_deletes_the_job_and_its_pods(amqp_conn, kube_conn, cluster, core, batch, namespace,
-                                                               queue_name, tmp_path):
+                                                               queue_name):
     items = ["a", "b"]
     filled(queue_name, items=items)
-    taken = tmp_path / "taken"  # each worker writes the item it holds here, then works on it (for 10 minutes)
-    taken.mkdir()
-    holder = f"cat > \"$(mktemp -p {taken})\"; exec sleep 600"
+    # each worker prints the item it holds, then works on it (for 10 minutes)
+    holder = 'echo "holding $(cat)"; exec sleep 600'
     launched = job_op(queue_name, namespace, wait_for_completion=False, parallelism=2,
-                      command=["sh", "-c", f"exec {VENV_BIN}/workqueue-consume sh -c '{holder}'"]).execute(task_context())
+                      command=["workqueue-consume", "sh", "-c", holder]).execute(task_context())
 
     def holding() -> list[str]:
-        return sorted(path.read_text() for path in taken.iterdir() if path.stat().st_size)
+        return sorted(line.removeprefix("holding ") for pod in core.list_namespaced_pod(namespace).items
+                      for line in cluster.read_pod_log(namespace, pod.metadata.name).splitlines()
+                      if line.startswith("holding "))
 
     deadline = time.time() + 90
     while (holding() != items or AmqpHook().queue_depth(queue_name).messages) and time.time() < deadline:
@@ -276,7 +280,7 @@ def test_the_stuck_pod_check_leaves_a_slow_starting_job_alone(amqp_conn, kube_co
     monkeypatch.setattr(kubernetes_async.async_client.CoreV1Api, "list_namespaced_pod", counting_list)
     monkeypatch.setattr(job_wait, "stuck_containers", recording_stuck)
     filled(queue_name, items=["a", "b"])
-    warm_up = {"spec": {"initContainers": [{"name": "warm-up", "image": "busybox", "command": ["sh", "-c", "sleep 8"]}]}}
+    warm_up = {"spec": {"initContainers": [{"name": "warm-up", "image": WORKER_IMAGE, "command": ["sh", "-c", "sleep 8"]}]}}
     launched = job_op(queue_name, namespace, wait_for_completion=False, parallelism=2,
                       pod_template=warm_up).execute(task_context())
     caplog.set_level(logging.DEBUG)

@@ -6,7 +6,6 @@ EnsureBrokerOperator starts as a StatefulSet in a container (RabbitMQ 4.0) that 
 from __future__ import annotations
 
 import json
-import random
 import secrets
 import subprocess
 from pathlib import Path
@@ -15,16 +14,12 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from localkube import LocalCluster
 from scripts.real_node_images import (
     RABBITMQ_IMAGE,
     TUTORIAL_WORKER_IMAGE,
     WORKER_IMAGE,
-    rabbitmq_image,
-    tutorial_worker_image,
-    worker_image,
 )
-from tests.conftest import task_context, worker_output
+from tests.conftest import free_node_port, task_context, worker_output
 from workqueue_provider.exceptions import JobError
 from workqueue_provider.kube.job_manifest import WORKER_UID
 from workqueue_provider.operators.broker import EnsureBrokerOperator
@@ -35,13 +30,10 @@ TUTORIAL = Path(__file__).resolve().parents[1] / "data" / "tutorial"
 pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.timeout(900)]
 
 
-@pytest.fixture(scope="module")
-def real_node(pytestconfig):
-    archives = [worker_image()[1], rabbitmq_image()[1], tutorial_worker_image()[1]]
-    with LocalCluster(node="kubelet", repo=pytestconfig.rootpath) as cluster:
-        for archive in archives:
-            cluster.load_image(archive)
-        yield cluster
+@pytest.fixture
+def real_node(real_cluster):
+    """The session's real node, with the example's images."""
+    return real_cluster
 
 
 @pytest.fixture
@@ -114,7 +106,7 @@ def test_a_latest_tag_is_pulled_unless_image_pull_policy_says_otherwise(real_nod
 def test_the_tutorials_broker_runs_in_a_container_and_pods_reach_it_by_service_name(real_node, monkeypatch):
     """EnsureBrokerOperator starts RabbitMQ (the StatefulSet and rabbitmq-service) in a container; Airflow on the
     host reaches it through a NodePort, the Job's pods as ``rabbitmq-service:5672`` through cluster DNS."""
-    node_port = random.randrange(30000, 32768)
+    node_port = free_node_port()
     password = "p" + secrets.token_urlsafe(18)
     monkeypatch.setenv("AIRFLOW_CONN_AMQP_INCLUSTER",
                        f"amqp://workqueue:{password}@{real_node.kubelet_node.node_ip}:{node_port}/")

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 
-from tests.conftest import REPO, task_context
+from tests.conftest import WORKER_IMAGE, task_context
 from tests.integration.test_consume import depth, prepare
 from workqueue_provider.hooks.amqp import AmqpHook
 from workqueue_provider.operators.job import QueueJobOperator
@@ -65,11 +63,12 @@ def test_leaving_the_loop_early_puts_the_current_item_back(amqp_conn, broker_url
 
 
 @pytest.mark.cluster
+@pytest.mark.real_node
 def test_queue_job_operator_drains_with_the_in_process_example(amqp_conn, kube_conn, cluster, namespace, queue_name):
     prepare(queue_name, FRUIT)
     summary = QueueJobOperator(
-        task_id="run_job", queue_name=queue_name, namespace=namespace, image="job-wq-1", items_per_pod=None,
-        parallelism=2, command=[sys.executable, str(REPO / "worker" / "inprocess_example.py")],
+        task_id="run_job", queue_name=queue_name, namespace=namespace, image=WORKER_IMAGE, items_per_pod=None,
+        parallelism=2, command=["inprocess_example.py"],
         deferrable=False, poll_interval=0.5, timeout=300).execute(task_context())
     found = summary["account"]
     assert (found["filled"], found["processed"], found["lost"], found["left"]) == (8, 8, 0, 0)

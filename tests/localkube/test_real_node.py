@@ -28,10 +28,10 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]  # the first start 
 
 
 @pytest.fixture(scope="module")
-def node_cluster(pytestconfig):
-    with LocalCluster(node="kubelet", repo=pytestconfig.rootpath) as cluster:
-        print(f"\nreal node Ready {cluster.startup_seconds:.1f} s after the start")
-        yield cluster
+def node_cluster(local_node_cluster):
+    """The session's real node."""
+    print(f"\nreal node Ready {local_node_cluster.startup_seconds:.1f} s after the start")
+    return local_node_cluster
 
 
 @pytest.fixture(scope="module")

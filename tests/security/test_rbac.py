@@ -11,8 +11,7 @@ import pytest
 import yaml
 from kubernetes import client
 
-from tests.conftest import task_context, worker_output
-from tests.integration.test_broker_start import amqp_connection, register_local_rabbitmq
+from tests.conftest import RABBITMQ_IMAGE, WORKER_IMAGE, free_node_port, task_context, worker_output
 from workqueue_provider.compat import TaskDeferred
 from workqueue_provider.exceptions import JobError, KubernetesAuthError
 from workqueue_provider.operators.broker import EnsureBrokerOperator
@@ -20,7 +19,7 @@ from workqueue_provider.operators.job import QueueJobOperator
 from workqueue_provider.operators.queue import DeclareQueueOperator, DeleteQueueOperator, FillQueueOperator
 from workqueue_provider.sensors.job import JobCompleteSensor
 
-pytestmark = [pytest.mark.integration, pytest.mark.cluster]
+pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.real_node]
 RBAC = Path(__file__).resolve().parents[2] / "deploy" / "rbac.yaml"
 
 
@@ -54,23 +53,24 @@ def test_the_shipped_role_runs_the_whole_flow(amqp_conn, cluster, core, batch, n
     for the Job (jobs, pods), and reads a failed pod's log (pods/log): every rule of the Role is used."""
     apply_shipped_rbac(cluster, namespace, "user-1")
     k8s = kube_connection_as(cluster, monkeypatch, "user-1")
-    # no broker answers at this address: EnsureBrokerOperator must start one (the node agent runs the
-    # StatefulSet's rabbitmq image as a private rabbitmq-server on this port); everything reads its Secret as user-1
-    port = register_local_rabbitmq(cluster)
-    monkeypatch.setenv("AIRFLOW_CONN_AMQP_RBAC", amqp_connection(
-        port, credentials_secret="rabbitmq-credentials", credentials_namespace=namespace, kubernetes_conn_id=k8s))
+    # no broker answers at this address: EnsureBrokerOperator must start one (RabbitMQ in a container, reached
+    # from here through its NodePort, by the pods as rabbitmq-service:5672); everything reads its Secret as user-1
+    node_ip, port = cluster.kubelet_node.node_ip, free_node_port()
+    monkeypatch.setenv("AIRFLOW_CONN_AMQP_RBAC", json.dumps({"conn_type": "amqp", "host": node_ip, "port": port, "extra": {
+        "credentials_secret": "rabbitmq-credentials", "credentials_namespace": namespace, "kubernetes_conn_id": k8s}}))
     amqp = {"amqp_conn_id": "amqp_rbac"}
+    in_cluster = {"pod_broker_host": "rabbitmq-service", "pod_broker_port": 5672}
     context = task_context()
     items = ["apple", "banana", "cherry"]
 
-    started = EnsureBrokerOperator(task_id="start_broker", kubernetes_conn_id=k8s, startup_timeout=120,
-                                   **amqp).execute(context)
-    assert started == {"started": True, "address": f"127.0.0.1:{port}", "namespace": namespace,
+    started = EnsureBrokerOperator(task_id="start_broker", kubernetes_conn_id=k8s, startup_timeout=300, image=RABBITMQ_IMAGE,
+                                   node_port=port, **amqp).execute(context)
+    assert started == {"started": True, "address": f"{node_ip}:{port}", "namespace": namespace,
                        "created": ["Secret/rabbitmq-credentials", "Service/rabbitmq-service", "StatefulSet/rabbitmq"]}
     DeclareQueueOperator(task_id="declare_queue", queue_name=queue_name, **amqp).execute(context)
     FillQueueOperator(task_id="fill_queue", queue_name=queue_name, items=items, **amqp).execute(context)
-    launched = QueueJobOperator(task_id="run_job", image="job-wq-1", queue_name=queue_name, namespace=namespace,
-                                wait_for_completion=False, kubernetes_conn_id=k8s, **amqp).execute(context)
+    launched = QueueJobOperator(task_id="run_job", image=WORKER_IMAGE, queue_name=queue_name, namespace=namespace,
+                                wait_for_completion=False, kubernetes_conn_id=k8s, **in_cluster, **amqp).execute(context)
     sensor = JobCompleteSensor(task_id="wait_for_job", queue_name=queue_name, kubernetes_conn_id=k8s, timeout=300,
                                **amqp, **launched)
     with pytest.raises(TaskDeferred) as deferred:  # poke (get), then the trigger (list + watch) as user-1
@@ -87,10 +87,10 @@ def test_the_shipped_role_runs_the_whole_flow(amqp_conn, cluster, core, batch, n
     # a Job whose worker fails: the error quotes the failed pod's log, read as user-1 (pods/log)
     FillQueueOperator(task_id="fill_poison", queue_name=queue_name, items=["poison"], **amqp).execute(
         task_context(task_id="fill_poison"))
-    failing = QueueJobOperator(task_id="run_failing_job", image="job-wq-1", queue_name=queue_name, namespace=namespace,
+    failing = QueueJobOperator(task_id="run_failing_job", image=WORKER_IMAGE, queue_name=queue_name, namespace=namespace,
                                command=["sh", "-c", "echo cannot process this item >&2; exit 7"],
                                restart_policy="Never", backoff_limit=0, deferrable=False, poll_interval=0.5,
-                               kubernetes_conn_id=k8s, **amqp)
+                               kubernetes_conn_id=k8s, **in_cluster, **amqp)
     with pytest.raises(JobError) as raised:
         failing.execute(task_context(task_id="run_failing_job"))
     message = str(raised.value)
@@ -103,7 +103,7 @@ def test_an_identity_without_the_role_gets_a_clear_403_before_anything_is_create
     DeclareQueueOperator(task_id="declare_queue", queue_name=queue_name).execute(task_context())
     FillQueueOperator(task_id="fill_queue", queue_name=queue_name, items=["a"]).execute(task_context())
     k8s = kube_connection_as(cluster, monkeypatch, "user-2")
-    operator = QueueJobOperator(task_id="run_job", image="job-wq-1", queue_name=queue_name, namespace=namespace,
+    operator = QueueJobOperator(task_id="run_job", image=WORKER_IMAGE, queue_name=queue_name, namespace=namespace,
                                 deferrable=False, kubernetes_conn_id=k8s)
     with pytest.raises(KubernetesAuthError) as raised:
         operator.execute(task_context())

@@ -156,6 +156,12 @@ class LocalCluster(ClusterAccess, ClusterObservation):
         self.kubelet_node.load_image(Path(archive))
 
     @property
+    def host_ip(self) -> str:
+        """The host as pods see it: a broker or any server on the host that listens there is reachable
+        from pods (the host's end of the real node's link; 127.0.0.1 with the node agent)."""
+        return self.kubelet_node.host_ip if self.kubelet_node is not None else "127.0.0.1"
+
+    @property
     def ca_path(self) -> str:
         return str(self._work / "pki" / "ca.crt")
 

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from localkube.errors import ClusterError
-from localkube.node_images import DEBIAN_MIRROR, DEBIAN_SUITE, PATH_ENV, cached, docker_archive, run
+from localkube.node_images import DEBIAN_MIRROR, DEBIAN_SUITE, PATH_ENV, apt_install, cached, docker_archive, run
 
 #: A Python base image like ``python:3.12-slim`` (pip installs system-wide, ``python3`` on PATH), from
 #: Debian bookworm's python3 and pip: for Dockerfiles that take their base as a build argument.
@@ -67,7 +67,7 @@ def build_image(dockerfile: Path, *, context: Path, ref: str, build_args: dict[s
 
 def _buildah(dockerfile: Path, context: Path, ref: str, args: dict[str, str], bases: list[Path], out: Path) -> None:
     if shutil.which("buildah") is None:
-        run(["apt-get", "install", "-y", "-q", "buildah"], "installing buildah")
+        apt_install("buildah")
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         storage = ["--root", os.path.join(tmp, "root"), "--runroot", os.path.join(tmp, "run"), "--storage-driver", "vfs"]
         for base in bases:

@@ -28,7 +28,7 @@ from typing import Protocol
 import yaml
 
 from localkube.errors import ClusterError
-from localkube.node_images import PAUSE_IMAGE, ensure_node_images
+from localkube.node_images import PAUSE_IMAGE, apt_install, ensure_node_images
 from localkube.node_network import NodeNetwork
 from localkube.node_services import DNS_READY_PORT, PROXY_HEALTHZ_PORT, coredns_argv, kube_proxy_argv
 from localkube.pki import issue_serving_cert
@@ -294,10 +294,7 @@ def ensure_node_packages() -> None:
     missing = sorted({package for command, package in NODE_PACKAGES.items()
                       if not (os.path.exists(command) if command.startswith("/") else shutil.which(command))})
     if missing:
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        result = subprocess.run(["apt-get", "install", "-y", "-q", *missing], capture_output=True, text=True, env=env)
-        if result.returncode != 0:
-            raise ClusterError(f"apt-get install {' '.join(missing)} failed: {result.stderr[-2000:]}")
+        apt_install(*missing)
 
 
 def cgroup_hierarchies() -> list[Path]:

@@ -85,7 +85,7 @@ def _build_pause(out: Path) -> None:
 
 def _build_debian(out: Path) -> None:
     if shutil.which("debootstrap") is None:
-        run(["apt-get", "install", "-y", "-q", "debootstrap"], "installing debootstrap")
+        apt_install("debootstrap")
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         root = Path(tmp) / "rootfs"
         run(["debootstrap", "--variant=minbase", DEBIAN_SUITE, str(root), DEBIAN_MIRROR],
@@ -131,7 +131,16 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def run(argv: list[str], what: str) -> None:
-    result = subprocess.run(argv, capture_output=True, text=True)
+def run(argv: list[str], what: str, env: dict[str, str] | None = None) -> None:
+    result = subprocess.run(argv, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise ClusterError(f"{what} failed (exit {result.returncode}): {result.stderr[-2000:]}")
+
+
+APT_LOCK_WAIT = 900  # seconds: on a cold machine the broker set-up and parallel builds install packages too
+
+
+def apt_install(*packages: str) -> None:
+    """Install Debian packages, waiting while another apt-get holds dpkg's lock (instead of failing at once)."""
+    run(["apt-get", "-o", f"DPkg::Lock::Timeout={APT_LOCK_WAIT}", "install", "-y", "-q", *packages],
+        f"apt-get install {' '.join(packages)}", env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})

@@ -1,4 +1,6 @@
-"""pytest plugin: a session-scoped ``local_cluster`` fixture (a started LocalCluster).
+"""pytest plugin: session-scoped clusters, started once and shared by the tests that ask for them:
+``local_cluster`` (the control plane with the node agent) and ``local_node_cluster`` (the control plane
+with a real node: kubelet, containerd, CNI networking, kube-proxy and CoreDNS).
 
 Registered through the ``pytest11`` entry point: installing localkube enables it.
 
@@ -19,8 +21,11 @@ from localkube.errors import ClusterError
 _build: dict = {}
 
 
+CLUSTER_FIXTURES = ("local_cluster", "local_node_cluster")
+
+
 def _wants_cluster(items) -> bool:
-    return any("local_cluster" in getattr(item, "fixturenames", ()) for item in items)
+    return any(name in getattr(item, "fixturenames", ()) for item in items for name in CLUSTER_FIXTURES)
 
 
 def pytest_collection_finish(session):
@@ -33,12 +38,22 @@ def pytest_collection_finish(session):
 
 @pytest.fixture(scope="session")
 def local_cluster(pytestconfig):
-    """A running LocalCluster (admin kubeconfig: ``local_cluster.kubeconfig``); ``{repo}`` in image
-    entries names pytest's root directory."""
+    """A running LocalCluster with the node agent (admin kubeconfig: ``local_cluster.kubeconfig``);
+    ``{repo}`` in image entries names pytest's root directory."""
+    yield from _running(pytestconfig, node="agent")
+
+
+@pytest.fixture(scope="session")
+def local_node_cluster(pytestconfig):
+    """A running LocalCluster with a real node (``node="kubelet"``); load images with ``load_image``."""
+    yield from _running(pytestconfig, node="kubelet")
+
+
+def _running(pytestconfig, node: str):
     if "error" in _build:
         raise ClusterError(f"building the local control plane failed: {_build['error']}")
     bin_dir = _build.get("bin_dir") or ensure_built()
-    cluster = LocalCluster(bin_dir=bin_dir, repo=pytestconfig.rootpath)
+    cluster = LocalCluster(bin_dir=bin_dir, repo=pytestconfig.rootpath, node=node)
     cluster.start()
     try:
         yield cluster
