@@ -122,6 +122,42 @@ def bench_queue(kind: str) -> Iterator[str]:
         delete_queue(name)
 
 
+@contextlib.contextmanager
+def real_node_cluster(**cluster_options: Any) -> Iterator[tuple[Any, str]]:
+    """The local cluster with a real node (containerd, runc, CNI) and the worker image built from
+    worker/Dockerfile loaded; yields ``(cluster, broker URL)``: the bench's broker as Airflow and the pods
+    both reach it (the host's address on the pod network, a user of its own; guest is loopback-only).
+    Airflow's ``amqp_default`` points there."""
+    import secrets
+    import subprocess
+    from urllib.parse import urlsplit
+
+    from localkube import LocalCluster
+    from scripts.real_node_images import worker_image
+
+    archive = worker_image()[1]
+    user, password = f"bench-{secrets.token_hex(3)}", secrets.token_urlsafe(18)
+    subprocess.run(["rabbitmqctl", "-q", "add_user", user, password], check=True, capture_output=True)
+    subprocess.run(["rabbitmqctl", "-q", "set_permissions", user, ".*", ".*", ".*"], check=True, capture_output=True)
+    try:
+        with LocalCluster(node="kubelet", repo=REPO, **cluster_options) as cluster:
+            cluster.load_image(archive)
+            url = f"amqp://{user}:{password}@{cluster.host_ip}:{urlsplit(BROKER_URL).port or 5672}/"
+            os.environ["AIRFLOW_CONN_AMQP_DEFAULT"] = url
+            yield cluster, url
+    finally:
+        subprocess.run(["rabbitmqctl", "-q", "delete_user", user], capture_output=True)
+
+
+def job_output(cluster: Any, job_name: str, namespace: str = "default") -> list[str]:
+    """Every line the Job's pods printed (their logs, read through the API server and the kubelet)."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(cluster.api_client())
+    pods = core.list_namespaced_pod(namespace, label_selector=f"batch.kubernetes.io/job-name={job_name}").items
+    return [line for pod in pods for line in core.read_namespaced_pod_log(pod.metadata.name, namespace).splitlines()]
+
+
 def check_lines(path: Path, expected: list[str]) -> dict[str, Any]:
     """Every expected item exactly once in ``path`` (one line per processed item)?"""
     lines = path.read_text().splitlines() if path.exists() else []

@@ -1,22 +1,21 @@
-"""Drain mode target: short items, drain mode vs one item per pod, same parallelism, on the local control plane.
+"""Drain mode target: short items, drain mode vs one item per pod, same parallelism, on the local cluster's real node.
 
     PYTHONPATH=. python bench/drain.py            # 200 items each way (the target), then 1,000 drained for the record
     PYTHONPATH=. python bench/drain.py --full     # both ways on all 1,000 items (about 5x longer)
     PYTHONPATH=. python bench/drain.py --quick    # 50 items each way, 200 drained (a smoke run)
 
-Each item is about 10 ms of work: the worker command is ``sh -c 'awk 1 >> "$OUT"; sleep 0.01'``
-(reads the item from stdin and appends it as one line to a file shared by the Job's pods: one
-write per item, so lines never interleave), run per item by ``workqueue-consume`` as the Job's
-container command (image ``bench-drain-worker`` in the node agent's image table).
+Each item is about 10 ms of work: the worker command is ``sh -c 'awk 1; sleep 0.01'`` (prints the
+item it reads on stdin as one line), run per item by ``workqueue-consume`` as the Job's container
+command, in containers of the worker image built from worker/Dockerfile; the pods' logs are the output.
 
 Both modes run through QueueJobOperator.execute() with parallelism 10 (``items_per_pod=None``:
 drain, completions unset, WORKQUEUE_MAX_ITEMS=0; ``items_per_pod=1``: completions = items, one
 pod per item), waiting in the worker (``deferrable=False``, ``poll_interval=0.5``) so the time is
 Job creation -> Complete -> queue verified empty. Verified completion is checked again here:
-queue empty, the output file holds every item exactly once.
+queue empty, the pods' logs hold every item exactly once.
 
-One item per pod costs a pod start per item (the local agent starts a process per pod, and the
-Job controller creates pods in waves of ``parallelism``), so it is slow: the target's ratio compares
+One item per pod costs a pod start per item (a sandbox, a container, the kubelet noticing its exit,
+and the Job controller creating pods in waves of ``parallelism``), so it is slow: the target's ratio compares
 both modes on the same (smaller) item count, like for like. Scaling the one-per-pod time up to more
 items would multiply its fixed costs too and overstate the ratio; the larger drain is only reported.
 """
@@ -32,12 +31,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cluster_common import (  # noqa: E402
-    REPO,
-    WORKER_ENV,
     bench_queue,
     check_lines,
     delete_job,
+    job_output,
     queue_depth,
+    real_node_cluster,
     set_kube_conn,
     setup_airflow_env,
     task_context,
@@ -47,12 +46,12 @@ from _cluster_common import (  # noqa: E402
 
 setup_airflow_env()
 
-IMAGE = "bench-drain-worker"
-WORKER = ["sh", "-c", "exec {venv_bin}/workqueue-consume sh -c 'awk 1 >> \"$OUT\"; sleep 0.01'"]
+WORKER = ["workqueue-consume", "sh", "-c", "awk 1; sleep 0.01"]
 TARGET = 5.0
 
 
 def run_mode(cluster: Any, out_dir: Path, items: int, items_per_pod: int | None, parallelism: int) -> dict[str, Any]:
+    from scripts.real_node_images import WORKER_IMAGE
     from workqueue_provider.operators.job import QueueJobOperator
     from workqueue_provider.operators.queue import DeclareQueueOperator, FillQueueOperator
 
@@ -63,13 +62,15 @@ def run_mode(cluster: Any, out_dir: Path, items: int, items_per_pod: int | None,
         ctx = task_context(task_id=f"drain-{mode}")
         DeclareQueueOperator(task_id="declare", queue_name=queue).execute(ctx)
         FillQueueOperator(task_id="fill", queue_name=queue, items=expected).execute(ctx)
-        operator = QueueJobOperator(task_id=f"job-{mode}", image=IMAGE, queue_name=queue, parallelism=parallelism,
-                                    items_per_pod=items_per_pod, env={"OUT": str(out)}, deferrable=False, poll_interval=0.5)
+        operator = QueueJobOperator(task_id=f"job-{mode}", image=WORKER_IMAGE, command=WORKER, queue_name=queue,
+                                    parallelism=parallelism, items_per_pod=items_per_pod,
+                                    deferrable=False, poll_interval=0.5)
         started = time.monotonic()
         summary = operator.execute(ctx)
         assert summary is not None, "the queue was empty: the Job was skipped"
         seconds = time.monotonic() - started
         left = queue_depth(queue)
+        out.write_text("".join(f"{line}\n" for line in job_output(cluster, summary["job_name"])))
         delete_job(cluster, summary["job_name"])
     check = check_lines(out, expected)
     result = {"mode": mode, "items": items, "parallelism": parallelism, "seconds": round(seconds, 2),
@@ -93,11 +94,8 @@ def main() -> int:
     items = 200 if a.quick else a.items
     per_pod_items = items if a.full else (50 if a.quick else min(a.per_pod_items, items))
 
-    from localkube import LocalCluster
-
-    with LocalCluster(images={IMAGE: {"entrypoint": WORKER, "env": WORKER_ENV}}, repo=REPO) as cluster, \
-            tempfile.TemporaryDirectory(prefix="bench-drain-") as tmp:
-        print(f"drain: control plane up in {cluster.startup_seconds:.1f} s", flush=True)
+    with real_node_cluster() as (cluster, _), tempfile.TemporaryDirectory(prefix="bench-drain-") as tmp:
+        print(f"drain: the cluster and its real node up in {cluster.startup_seconds:.1f} s", flush=True)
         set_kube_conn("kubernetes_default", cluster.kubeconfig)
         out_dir = Path(tmp)
         per_pod = run_mode(cluster, out_dir, per_pod_items, 1, a.parallelism)

@@ -1,11 +1,11 @@
-"""Scale target: 100,000 items through the example DAG in drain mode, parallelism 10, local control plane.
+"""Scale target: 100,000 items through the example DAG in drain mode, parallelism 10, on the local cluster's real node.
 
     PYTHONPATH=. python bench/scale.py                 # 100,000 items (and the 8-item reference run)
     PYTHONPATH=. python bench/scale.py --items 5000    # a smaller run (a smoke test)
 
 Runs ``airflow dags test work_queue_example`` (isolated AIRFLOW_HOME, connections to the local
-control plane and the local RabbitMQ: scripts/demo.py's airflow_env) with conf
-``{"items_file": ..., "parallelism": 10, "items_per_pod": null, "image": "bench-scale-worker"}``:
+cluster and the local RabbitMQ: scripts/demo.py's airflow_env) with conf
+``{"items_file": ..., "parallelism": 10, "items_per_pod": null, "image": IMAGE}``:
 the items go through a file (one per line), as large runs should; 100,000 items in the run's conf
 (~1 MB) would be held by Airflow itself in every task (+130 MB measured). The CLI is started as
 ``python -c`` that reads the conf from a file into ``sys.argv`` and calls
@@ -13,8 +13,9 @@ the items go through a file (one per line), as large runs should; 100,000 items 
 
 Checks:
 - the DAG run succeeds (its sensor verifies the Job Complete and the queue empty);
-- every item processed exactly once: the worker command is ``dd oflag=append`` of the item (fixed
-  width, 7 bytes, one write) into one file, which must hold each item exactly once;
+- every item processed exactly once: IMAGE is the worker image built from worker/Dockerfile with the
+  command ``workqueue-consume awk 1`` (each item printed as one line); the pods' logs must hold each
+  item exactly once;
 - peak RSS of the ``airflow dags test`` process tree (psutil, sampled every 0.2 s; tasks and
   triggers run inside that process under ``dags test``) within 100 MB of the same DAG with 8 items;
 - the log shows progress throughout: progress lines of fill (``Published``) and of the wait (Job
@@ -36,14 +37,14 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cluster_common import REPO, WORKER_ENV, verdict, write_result  # noqa: E402
+from _cluster_common import REPO, check_lines, job_output, real_node_cluster, verdict, write_result  # noqa: E402
 
 sys.path.insert(0, str(REPO / "scripts"))
 from demo import airflow, airflow_env, dag_run_succeeded  # noqa: E402
 
-IMAGE = "bench-scale-worker"
+IMAGE = "localkube.local/bench-scale-worker:1"
+COMMAND = ["workqueue-consume", "awk", "1"]
 MEMORY_BUDGET_MB = 100
-WIDTH = 7  # "i000001"
 LAUNCH = ("import json, sys; from airflow.__main__ import main; "
           "sys.argv = ['airflow', 'dags', 'test', 'work_queue_example', '--conf', open(sys.argv[1]).read()]; main()")
 TIMESTAMP = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+)Z")
@@ -90,8 +91,8 @@ class TreeSampler(threading.Thread):
             self.stop.wait(0.2)
 
 
-def run_dag(cluster: Any, home: str, conf: dict[str, Any], log_path: Path) -> dict[str, Any]:
-    env = airflow_env(str(cluster.kubeconfig), home)
+def run_dag(cluster: Any, amqp_url: str, home: str, conf: dict[str, Any], log_path: Path) -> dict[str, Any]:
+    env = airflow_env(str(cluster.kubeconfig), home, amqp_url)
     migrated = airflow(["db", "migrate"], env, echo=False)
     if migrated.returncode != 0:
         raise RuntimeError(f"airflow db migrate failed:\n{migrated.stdout[-3000:]}")
@@ -187,19 +188,17 @@ def progress_met(run: dict[str, Any]) -> bool:
     return run["wait_progress_lines"] >= 3 and silence is not None and silence <= 120
 
 
-def check_output(path: Path, items: int) -> dict[str, Any]:
-    data = path.read_bytes() if path.exists() else b""
-    chunks = [data[i:i + WIDTH] for i in range(0, len(data), WIDTH)]
-    counts: dict[bytes, int] = {}
-    for c in chunks:
-        counts[c] = counts.get(c, 0) + 1
-    want = {item(i).encode() for i in range(items)}
-    missing = len(want - counts.keys())
-    duplicated = sum(1 for n in counts.values() if n > 1)
-    unexpected = sum(1 for c in counts if c not in want)
-    return {"processed_records": len(chunks), "distinct": len(counts), "missing": missing, "duplicated": duplicated,
-            "unexpected": unexpected,
-            "exactly_once": len(data) % WIDTH == 0 and len(chunks) == items and not missing and not duplicated}
+def check_output(cluster: Any, items: int) -> dict[str, Any]:
+    """Every item exactly once in the logs of the newest Job's pods (the DAG run's)."""
+    from kubernetes import client
+
+    jobs = client.BatchV1Api(cluster.api_client()).list_namespaced_job("default").items
+    newest = max(jobs, key=lambda job: job.metadata.creation_timestamp)
+    with tempfile.NamedTemporaryFile("w", suffix=".out") as out:
+        out.write("".join(f"{line}\n" for line in job_output(cluster, newest.metadata.name)))
+        out.flush()
+        check = check_lines(Path(out.name), [item(i) for i in range(items)])
+    return {"processed_records": check["lines"], **{k: v for k, v in check.items() if k != "lines"}}
 
 
 def main() -> int:
@@ -209,16 +208,15 @@ def main() -> int:
     parser.add_argument("--reference-items", type=int, default=8)
     a = parser.parse_args()
 
-    from localkube import LocalCluster
+    from localkube.node_images import with_command
+    from scripts.real_node_images import worker_image
 
     runs: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
-        out = Path(tmp) / "processed.bin"
-        worker = ["sh", "-c", f"exec {{venv_bin}}/workqueue-consume dd of={out} oflag=append conv=notrunc status=none"]
-        with LocalCluster(images={IMAGE: {"entrypoint": worker, "env": WORKER_ENV}}, repo=REPO) as cluster:
-            print(f"scale: control plane up in {cluster.startup_seconds:.1f} s", flush=True)
+        with real_node_cluster() as (cluster, amqp_url):
+            print(f"scale: the cluster and its real node up in {cluster.startup_seconds:.1f} s", flush=True)
+            cluster.load_image(with_command(worker_image()[1], Path(tmp) / "bench-scale-worker.tar", IMAGE, COMMAND))
             for label, count in (("reference", a.reference_items), ("scale", a.items)):
-                out.unlink(missing_ok=True)
                 home = tempfile.mkdtemp(prefix=f"airflow-{label}-", dir=tmp)
                 items_file = Path(home) / f"items-{label}.txt"  # the run's conf stays small
                 items_file.write_text("".join(f"{item(i)}\n" for i in range(count)))
@@ -227,8 +225,8 @@ def main() -> int:
                 log_path = Path(tempfile.gettempdir()) / f"workqueue-bench-scale-{label}.log"  # kept after the run
                 print(f"scale: {label}: {count} items through the example DAG (drain mode, parallelism "
                       f"{a.parallelism}); log {log_path}", flush=True)
-                run = run_dag(cluster, home, conf, log_path)
-                run.update(items=count, **check_output(out, count))
+                run = run_dag(cluster, amqp_url, home, conf, log_path)
+                run.update(items=count, **check_output(cluster, count))
                 run["seconds_per_1000_items"] = round(run["seconds"] * 1000 / count, 2)
                 runs[label] = run
                 for w in run["rss_by_task"]:

@@ -123,6 +123,35 @@ def docker_archive(out: Path, ref: str, *, root: Path | None = None, files: dict
     return out
 
 
+def with_command(archive: Path, out: Path, ref: str, command: list[str]) -> Path:
+    """Write ``out``: the docker-archive ``archive`` with another command (``Cmd``; the entrypoint cleared), tagged
+    ``ref``: the same layers, a new config, as ``FROM <image>`` + ``CMD`` would make (no build, no copy of a
+    root filesystem's worth of work)."""
+    with tarfile.open(archive) as source:
+        manifest = json.loads(_member(source, "manifest.json"))
+        config = json.loads(_member(source, manifest[0]["Config"]))
+        config["config"] = {**config.get("config", {}), "Entrypoint": None, "Cmd": command}
+        config_data = json.dumps(config).encode()
+        config_name = f"{hashlib.sha256(config_data).hexdigest()}.json"
+        manifest_data = json.dumps([{**manifest[0], "Config": config_name, "RepoTags": [ref]}]).encode()
+        with tarfile.open(out, "w") as target:
+            for name, data in ((config_name, config_data), ("manifest.json", manifest_data)):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                target.addfile(info, io.BytesIO(data))
+            for member in source.getmembers():
+                if member.name not in ("manifest.json", "repositories", manifest[0]["Config"]):
+                    target.addfile(member, source.extractfile(member) if member.isfile() else None)
+    return out
+
+
+def _member(archive: tarfile.TarFile, name: str) -> bytes:
+    handle = archive.extractfile(name)
+    if handle is None:
+        raise ClusterError(f"{archive.name!s}: {name} is not a file")
+    return handle.read()
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
