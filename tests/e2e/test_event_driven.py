@@ -15,12 +15,12 @@ import pika
 import pytest
 from kubernetes import client
 
-from tests.conftest import worker_output
+from tests.conftest import WORKER_IMAGE, worker_output
 from tests.e2e.airflow_services import REPO, AirflowServices
 from workqueue_provider.amqp.connection import BrokerSettings, open_connection
 from workqueue_provider.amqp.queues import QueueSpec, declare, delete, depth
 
-pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.cluster, pytest.mark.timeout(2400)]
+pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.cluster, pytest.mark.real_node, pytest.mark.timeout(2400)]
 
 DAG_ID = "work_queue_on_arrival"
 REPORT_DAG_ID = "work_queue_batch_report"  # scheduled on wait_for_job's outlet Asset
@@ -51,13 +51,14 @@ def lineage_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def airflow(broker_url, cluster, batches_queue, lineage_file, tmp_path_factory):
+def airflow(broker_url, pod_broker_url, real_cluster, batches_queue, lineage_file, tmp_path_factory):
     dags = tmp_path_factory.mktemp("dags")
     (dags / f"{DAG_ID}.py").symlink_to(REPO / "dags" / f"{DAG_ID}.py")
     (dags / f"{ALERTS_DAG_ID}.py").symlink_to(REPO / "tests" / "e2e" / "dags" / f"{ALERTS_DAG_ID}.py")
-    services = AirflowServices(tmp_path_factory.mktemp("airflow"), kubeconfig=str(cluster.kubeconfig),
-                               amqp_url=broker_url, dags_folder=dags)
+    services = AirflowServices(tmp_path_factory.mktemp("airflow"), kubeconfig=str(real_cluster.kubeconfig),
+                               amqp_url=pod_broker_url, dags_folder=dags)
     services.env.update({
+        "WORKQUEUE_WORKER_IMAGE": WORKER_IMAGE,
         "WORKQUEUE_BATCHES_QUEUE": batches_queue,
         "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "True",  # asset-triggered runs need it; this folder has no timed DAG
         "AIRFLOW__OPENLINEAGE__TRANSPORT": json.dumps({"type": "file", "log_file_path": str(lineage_file),

@@ -4,27 +4,27 @@ Airflow's api-server (UI), scheduler, dag-processor and triggerer run as subproc
 (tests/e2e/airflow_services.py); headless Chromium (Debian's, driven by Playwright) signs in,
 unpauses the DAG, fills the trigger form with new items and parallelism, and submits it. The run
 goes through the real broker and the local control plane; the test then reads the task logs and
-the extra link through the REST API, and the workers' output through the node agent.
+the extra link through the REST API, and the workers' output through the API (pods/log).
 """
 
 from __future__ import annotations
 
 import re
 import subprocess
-import sys
 import time
 import uuid
-from pathlib import Path
 from urllib.parse import quote
 
 import psutil
 import pytest
 from kubernetes import client
 
+from localkube.node_images import with_command
+from tests.conftest import WORKER_IMAGE, worker_image
 from tests.e2e.airflow_services import REPO, AirflowServices
 from workqueue_provider.amqp.connection import BrokerSettings
 
-pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.cluster, pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.cluster, pytest.mark.real_node, pytest.mark.timeout(1500)]
 
 DAG_ID = "work_queue_example"
 ITEMS = ["kiwi", "mango", "papaya"]  # not the DAG's defaults
@@ -34,7 +34,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 UI_TIMEOUT_MS = 180_000  # per browser action: a hang guard on 2 shared cores, not a speed check
 RUN_TIMEOUT = 900
-SLEEPER = "registry.example/sleeper:1.0"  # a worker image that never finishes its item
+SLEEPER = "localkube.local/sleeper:1.0"  # a worker image that never finishes its item
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +47,13 @@ def chromium() -> str:
 
 
 @pytest.fixture(scope="module")
-def airflow(broker_url, cluster, tmp_path_factory):
+def airflow(pod_broker_url, real_cluster, tmp_path_factory):
     """Airflow's services for this module's tests; on exit, checks that every process stopped on SIGTERM
     (stop() SIGKILLs the rest, so checking for survivors afterwards alone would always pass) and none is left."""
     started = time.monotonic()
-    services = AirflowServices(tmp_path_factory.mktemp("airflow"), kubeconfig=str(cluster.kubeconfig),
-                               amqp_url=broker_url)
+    services = AirflowServices(tmp_path_factory.mktemp("airflow"), kubeconfig=str(real_cluster.kubeconfig),
+                               amqp_url=pod_broker_url)
+    services.env["WORKQUEUE_WORKER_IMAGE"] = WORKER_IMAGE
     with services:
         print(f"airflow ready after {time.monotonic() - started:.0f} s at {services.url}")
         services.wait_until(f"DAG {DAG_ID} to be parsed", lambda: services.api("GET", f"/dags/{DAG_ID}").json(), 300)
@@ -63,7 +64,7 @@ def airflow(broker_url, cluster, tmp_path_factory):
     assert not leftovers, f"Airflow processes left running: {leftovers}"
 
 
-def test_the_ui_trigger_form_runs_the_example_dag_with_changed_params(chromium, airflow, broker_url, cluster):
+def test_the_ui_trigger_form_runs_the_example_dag_with_changed_params(chromium, airflow, pod_broker_url, cluster):
     from playwright.sync_api import sync_playwright
 
     started = time.monotonic()
@@ -109,16 +110,16 @@ def test_the_ui_trigger_form_runs_the_example_dag_with_changed_params(chromium, 
 
     # The extra link: registered by the provider, persisted by the task, shown by the UI; no credentials.
     queue = f"job1-{run_id}"
-    broker = BrokerSettings.from_url(broker_url)
+    broker = BrokerSettings.from_url(pod_broker_url)
     assert links["RabbitMQ queue"] == f"http://{broker.host}:15672/#/queues/%2F/{quote(queue, safe='')}" == link
     assert broker.login not in link and broker.password not in link
     assert SCREENSHOT.stat().st_size > 10_000
 
 
-def test_marking_the_deferred_wait_failed_deletes_the_job_and_its_pods(airflow, cluster):
+def test_marking_the_deferred_wait_failed_deletes_the_job_and_its_pods(airflow, cluster, tmp_path):
     """What a user does to stop a run from the UI (its "Mark as failed" calls this same REST endpoint):
     the triggerer cancels the deferred sensor's trigger, whose on_kill deletes the Job."""
-    cluster.register_image(SLEEPER, entrypoint=["sh", "-c", "sleep 600"])  # holds its item until killed
+    load_variant(cluster, tmp_path, SLEEPER, ["sh", "-c", "sleep 600"])  # holds its item until killed
     airflow.api("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})
     run_id = f"kill-{uuid.uuid4().hex[:8]}"
     airflow.api("POST", f"/dags/{DAG_ID}/dagRuns", json={
@@ -147,6 +148,11 @@ def test_marking_the_deferred_wait_failed_deletes_the_job_and_its_pods(airflow, 
     run = airflow.wait_until(f"run {run_id} to finish", lambda: finished(airflow, run_id), RUN_TIMEOUT, 3)
     assert run["state"] == "failed"
     assert airflow.api("GET", f"{run_path}/taskInstances/delete_queue").json()["state"] == "success", "teardown ran"
+
+
+def load_variant(cluster, folder, ref: str, command: list[str]) -> None:
+    """Load into the node the worker image with another command, tagged ``ref`` (a test's own worker)."""
+    cluster.load_image(with_command(worker_image()[1], folder / f"{uuid.uuid4().hex[:8]}.tar", ref, command))
 
 
 def sign_in(page, airflow: AirflowServices) -> None:
@@ -215,16 +221,14 @@ def task_logs(airflow: AirflowServices, run_id: str) -> dict[str, str]:
     return logs
 
 
-def test_clearing_a_failed_run_finishes_only_the_items_left(airflow, cluster, broker_url, tmp_path):
+def test_clearing_a_failed_run_finishes_only_the_items_left(airflow, cluster, tmp_path):
     """A worker fails on one item, so the Job hits its backoff limit and the run fails; the teardown keeps
-    the queue. The user fixes the worker and clears the run (the UI's Clear calls this REST endpoint):
-    the fill publishes nothing again, a new Job takes only the items left, and each item is processed once."""
-    gate = tmp_path / "fixed"
-    script = tmp_path / "worker.sh"
-    script.write_text(f'item=$(cat)\nif [ "$item" = fig ] && [ ! -e {gate} ]; then echo "cannot do $item"; exit 3; fi\n'
-                      'echo "Processing $item"\n')
-    image = f"registry.example/gated-{uuid.uuid4().hex[:6]}:1.0"
-    cluster.register_image(image, entrypoint=["sh", "-c", f"exec {Path(sys.executable).parent}/workqueue-consume sh {script}"])
+    the queue. The user fixes the worker (pushes the fixed image under the same tag: the node has it, so
+    IfNotPresent runs it) and clears the run (the UI's Clear calls this REST endpoint): the fill publishes
+    nothing again, a new Job takes only the items left, and each item is processed once."""
+    image = f"localkube.local/gated-{uuid.uuid4().hex[:6]}:1.0"
+    load_variant(cluster, tmp_path, image, ["workqueue-consume", "sh", "-c", 'item=$(cat)\n'
+                 'if [ "$item" = fig ]; then echo "cannot do $item"; exit 3; fi\necho "Processing $item"\n'])
     items = ["apple", "banana", "cherry", "date", "fig", "grape"]
     airflow.api("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})
     run_id = f"clear-{uuid.uuid4().hex[:8]}"
@@ -235,7 +239,7 @@ def test_clearing_a_failed_run_finishes_only_the_items_left(airflow, cluster, br
     assert run["state"] == "failed", logs
     assert "failed 1" in logs["wait_for_job"] and "Kept queue" in logs["delete_queue"], logs
 
-    gate.touch()
+    load_variant(cluster, tmp_path, image, ["workqueue-consume", "sh", "-c", 'echo "Processing $(cat)"'])  # the fix
     airflow.api("POST", f"/dags/{DAG_ID}/clearTaskInstances", json={
         "dry_run": False, "dag_run_id": run_id, "only_failed": False, "reset_dag_runs": True})
     airflow.wait_until(f"run {run_id} to start again", lambda: finished(airflow, run_id) is None, 120, 1)

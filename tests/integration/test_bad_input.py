@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from localkube import free_port
-from tests.conftest import task_context
+from tests.conftest import WORKER_IMAGE, task_context
 from workqueue_provider.amqp import queues
 from workqueue_provider.amqp.connection import BrokerSettings, open_connection
 from workqueue_provider.compat import TaskDeferred
@@ -49,12 +49,12 @@ from workqueue_provider.operators.queue import DeclareQueueOperator, DeleteQueue
 from workqueue_provider.sensors.job import JobCompleteSensor
 from workqueue_provider.worker import cli
 
-pytestmark = [pytest.mark.integration, pytest.mark.cluster]
+pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.real_node]
 
 SETUP_ITEMS = ["apple", "banana", "cherry"]
 WRONG_PASSWORD = "s3cr3t-Wr0ng"  # used by the credential cases; no message may ever show it
 MISSING_NAMESPACE = f"wq-missing-{uuid.uuid4().hex[:8]}"
-MISSING_IMAGE = "registry.example/no-such-worker:1.0"
+MISSING_IMAGE = "127.0.0.1:9/no-such-worker:1.0"  # a registry that refuses at once, on the node itself
 HANG_GUARD = 60  # seconds; only keeps a regression from hanging the run
 
 # Values for Case.env; "{...}" placeholders are filled in when the case runs.
@@ -109,7 +109,7 @@ def fill_file(content: bytes | None, **kw: Any) -> Callable[[SimpleNamespace], A
 
 def job(**kw: Any) -> Callable[[SimpleNamespace], Any]:
     def run(t: SimpleNamespace) -> Any:
-        options = {"image": "job-wq-1", "queue_name": t.queue, "namespace": t.namespace, "deferrable": False,
+        options = {"image": WORKER_IMAGE, "queue_name": t.queue, "namespace": t.namespace, "deferrable": False,
                    "poll_interval": 0.5, "timeout": HANG_GUARD, **kw}
         return QueueJobOperator(task_id="run_job", **options).execute(task_context())
     return run
@@ -348,13 +348,13 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def shared_namespace(cluster):
+def shared_namespace(real_cluster):
     """One namespace for every case: none may create anything in it (the missing-image cases' Jobs are
     deleted as each case ends)."""
     from kubernetes import client
 
     name = f"wq-bad-{uuid.uuid4().hex[:8]}"
-    core = client.CoreV1Api(cluster.api_client())
+    core = client.CoreV1Api(real_cluster.api_client())
     core.create_namespace({"metadata": {"name": name}})
     yield name
     core.delete_namespace(name)

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from scripts.demo import LOCAL_BROKER, dag_run_succeeded, run_example_dag
-from tests.conftest import task_context
+from scripts.demo import dag_run_succeeded, run_example_dag
+from tests.conftest import WORKER_IMAGE, task_context
 from workqueue_provider.exceptions import JobError
 from workqueue_provider.kube.job_wait import WaitEvent
 from workqueue_provider.operators.job import QueueJobOperator
@@ -22,7 +22,7 @@ from workqueue_provider.operators.queue import DeclareQueueOperator, FillQueueOp
 from workqueue_provider.sensors.job import JobCompleteSensor
 from workqueue_provider.triggers.job import JobCompleteTrigger
 
-pytestmark = [pytest.mark.integration, pytest.mark.cluster]
+pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.real_node]
 RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted", "pod-security.kubernetes.io/enforce-version": "latest"}
 
 
@@ -30,10 +30,10 @@ def restricted(core, namespace: str) -> None:
     core.patch_namespace(namespace, {"metadata": {"labels": RESTRICTED}})
 
 
-def test_the_example_dag_runs_unchanged_in_a_restricted_namespace(broker_url, cluster, core, namespace, tmp_path):
+def test_the_example_dag_runs_unchanged_in_a_restricted_namespace(pod_broker_url, cluster, core, namespace, tmp_path):
     restricted(core, namespace)
     result = run_example_dag(str(cluster.kubeconfig), str(tmp_path), {"items": ["a", "b", "c"], "namespace": namespace},
-                             amqp_url=LOCAL_BROKER, echo=False)
+                             amqp_url=pod_broker_url, extra_env={"WORKQUEUE_WORKER_IMAGE": WORKER_IMAGE}, echo=False)
     assert dag_run_succeeded(result), result.stdout[-4000:]
     assert "3 filled = 3 processed" in result.stdout
     assert "pod creation refused" not in result.stdout
@@ -60,7 +60,7 @@ def test_refused_pod_creations_end_every_wait_within_a_minute_naming_the_reason(
     prepare(core, namespace)
     DeclareQueueOperator(task_id="declare", queue_name=queue_name).execute(task_context())
     FillQueueOperator(task_id="fill", queue_name=queue_name, items=["a", "b"]).execute(task_context())
-    common = {"task_id": "run_job", "image": "job-wq-1", "queue_name": queue_name, "namespace": namespace, **options}
+    common = {"task_id": "run_job", "image": WORKER_IMAGE, "queue_name": queue_name, "namespace": namespace, **options}
     launched = QueueJobOperator(wait_for_completion=False, **common).execute(task_context())
     started = time.monotonic()
 

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import structlog.testing
 
-from tests.conftest import task_context, worker_output
+from tests.conftest import WORKER_IMAGE, task_context, worker_output
 from workqueue_provider.compat import TaskDeferred
 from workqueue_provider.exceptions import WorkQueueError
 from workqueue_provider.hooks.amqp import AmqpHook
 from workqueue_provider.operators.job import QueueJobOperator
 from workqueue_provider.operators.queue import DeclareQueueOperator, DeleteQueueOperator, FillQueueOperator
 
-pytestmark = [pytest.mark.integration, pytest.mark.cluster]
+pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.real_node]
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -61,7 +61,8 @@ def test_the_password_appears_nowhere_but_in_the_secret(secret_user, kube_conn, 
                                                         queue_name, monkeypatch, capfd, caplog):
     user, password = secret_user
     wrong = secrets.token_urlsafe(24)
-    monkeypatch.setenv("AIRFLOW_CONN_AMQP_DEFAULT", f"amqp://{user}:{password}@127.0.0.1:5672/")
+    host = cluster.host_ip  # where Airflow and the pods both reach the broker
+    monkeypatch.setenv("AIRFLOW_CONN_AMQP_DEFAULT", f"amqp://{user}:{password}@{host}:5672/")
     caplog.set_level(logging.DEBUG)
     seen: list[str] = []
     context = task_context()
@@ -69,7 +70,7 @@ def test_the_password_appears_nowhere_but_in_the_secret(secret_user, kube_conn, 
     with structlog.testing.capture_logs() as task_log:
         declare = DeclareQueueOperator(task_id="declare", queue_name=queue_name)
         fill = FillQueueOperator(task_id="fill", queue_name=queue_name, items=["a", "b"])
-        launch = QueueJobOperator(task_id="run_job", queue_name=queue_name, namespace=namespace, image="job-wq-1",
+        launch = QueueJobOperator(task_id="run_job", queue_name=queue_name, namespace=namespace, image=WORKER_IMAGE,
                                   deferrable=False, poll_interval=0.5, timeout=300)
         for op in (declare, fill, launch):
             seen.append(rendered(op, context))
@@ -80,7 +81,7 @@ def test_the_password_appears_nowhere_but_in_the_secret(secret_user, kube_conn, 
 
         # deferring (a retry re-attaches to the same Job): the trigger's arguments are stored in the database
         deferrable = QueueJobOperator(task_id="run_job", queue_name=queue_name, namespace=namespace,
-                                      image="job-wq-1", timeout=300)
+                                      image=WORKER_IMAGE, timeout=300)
         with pytest.raises(TaskDeferred) as deferred:
             deferrable.execute(task_context(try_number=2))
         seen.append(json.dumps(deferred.value.trigger.serialize(), default=str))
@@ -94,12 +95,12 @@ def test_the_password_appears_nowhere_but_in_the_secret(secret_user, kube_conn, 
             monkeypatch.setenv("AIRFLOW_CONN_AMQP_DEFAULT", url)
             seen.append(error_of(lambda: AmqpHook().queue_depth(queue_name)))
             seen.append(str(AmqpHook().test_connection()))
-        monkeypatch.setenv("AIRFLOW_CONN_AMQP_DEFAULT", f"amqp://{user}:{password}@127.0.0.1:5672/")
+        monkeypatch.setenv("AIRFLOW_CONN_AMQP_DEFAULT", f"amqp://{user}:{password}@{host}:5672/")
         seen.append(error_of(lambda: AmqpHook().queue_depth("no-such-queue")))
         seen.append(error_of(lambda: FillQueueOperator(task_id="f", queue_name="no-such-queue", items=["x"])
                              .execute(task_context(task_id="other"))))
         seen.append(error_of(lambda: QueueJobOperator(task_id="j", queue_name="no-such-queue", namespace="no-such-ns",
-                                                      image="job-wq-1").execute(context)))
+                                                      image=WORKER_IMAGE).execute(context)))
         seen.append(str(DeleteQueueOperator(task_id="delete", queue_name=queue_name).execute(context)))
 
     # the worker side: a wrong URL and a missing queue, from workqueue-consume's stderr

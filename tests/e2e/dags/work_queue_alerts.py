@@ -4,9 +4,8 @@ its one item past the 5 s deadline, then exits with the poison exit code, which 
 
 from __future__ import annotations
 
-import sys
+import os
 from datetime import datetime, timedelta
-from pathlib import Path
 
 from airflow.sdk import DAG
 from airflow.sdk.definitions.deadline import AsyncCallback, DeadlineAlert, DeadlineReference
@@ -31,9 +30,10 @@ with DAG(
     declare = DeclareQueueOperator(task_id="declare_queue", queue_name=QUEUE)
     fill = FillQueueOperator(task_id="fill_queue", queue_name=QUEUE, items=["rotten-apple"])
     run_job = QueueJobOperator(
-        task_id="run_job", image="job-wq-1", queue_name=QUEUE, restart_policy="Never", backoff_limit=6,
+        task_id="run_job", image=os.environ.get("WORKQUEUE_WORKER_IMAGE", "job-wq-1"), queue_name=QUEUE,
+        restart_policy="Never", backoff_limit=6,
         pod_failure_policy=queue_failure_policy(poison_exit_code=3), deferrable=False, poll_interval=1,
-        command=["sh", "-c", f"exec {Path(sys.executable).parent}/workqueue-consume sh -c '{WORKER}'"],
+        command=["workqueue-consume", "sh", "-c", WORKER],
     )
     delete = DeleteQueueOperator(task_id="delete_queue", queue_name=QUEUE, keep_if_not_empty=False).as_teardown(
         setups=declare)
