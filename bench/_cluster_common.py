@@ -150,12 +150,14 @@ def real_node_cluster(**cluster_options: Any) -> Iterator[tuple[Any, str]]:
 
 
 def job_output(cluster: Any, job_name: str, namespace: str = "default") -> list[str]:
-    """Every line the Job's pods printed (their logs, read through the API server and the kubelet)."""
+    """Every line the Job's worker commands printed: the pods' logs (read through the API server and the
+    kubelet), without workqueue-consume's own lines (its stderr is in the log too)."""
     from kubernetes import client
 
     core = client.CoreV1Api(cluster.api_client())
     pods = core.list_namespaced_pod(namespace, label_selector=f"batch.kubernetes.io/job-name={job_name}").items
-    return [line for pod in pods for line in core.read_namespaced_pod_log(pod.metadata.name, namespace).splitlines()]
+    return [line for pod in pods for line in cluster.read_pod_log(namespace, pod.metadata.name).splitlines()
+            if not line.startswith("workqueue-consume:")]
 
 
 def check_lines(path: Path, expected: list[str]) -> dict[str, Any]:
@@ -169,8 +171,8 @@ def check_lines(path: Path, expected: list[str]) -> dict[str, Any]:
     duplicated = sum(1 for k, n in seen.items() if n > 1)
     unexpected = sum(1 for k in seen if k not in want)
     return {"lines": len(lines), "distinct": len(seen), "missing": missing, "duplicated": duplicated,
-            "unexpected": unexpected, "exactly_once": len(lines) == len(expected) and not missing and not duplicated
-            and not unexpected}
+            "unexpected": unexpected, "unexpected_sample": [k for k in seen if k not in want][:3],
+            "exactly_once": len(lines) == len(expected) and not missing and not duplicated and not unexpected}
 
 
 def median(values: list[float]) -> float | None:

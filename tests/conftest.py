@@ -188,6 +188,7 @@ def worker_output(cluster, core, namespace: str, job_name: str) -> list[str]:
     lines = []
     for pod in pods:
         if cluster.node == "kubelet" and any(s.restart_count for s in pod.status.container_statuses or []):
-            lines += core.read_namespaced_pod_log(pod.metadata.name, namespace, previous=True).splitlines()
+            previous = core.read_namespaced_pod_log(pod.metadata.name, namespace, previous=True, _preload_content=False)
+            lines += previous.data.decode(errors="replace").splitlines()  # raw: the client would parse JSON-like lines
         lines += cluster.read_pod_log(namespace, pod.metadata.name).splitlines()
     return lines
