@@ -89,7 +89,8 @@ def test_the_password_appears_nowhere_but_in_the_secret(secret_user, kube_conn, 
 
         # every error we can provoke with this password (or a wrong one) in the connection
         for url in (f"amqp://{user}:{wrong}@127.0.0.1:5672/",                      # wrong password
-                    f"amqp://{user}:{password}@127.0.0.1:1/?connection_attempts=1",  # unreachable
+                    # unreachable, ridden out for 1 s (not the default 300 s) before the outage error
+                    f"amqp://{user}:{password}@127.0.0.1:1/?connection_attempts=1&outage_window=1",
                     f"amqp://{user}:{password}@127.0.0.1:5672/no-such-vhost",       # missing vhost
                     f"amqp://{user}:{password}@127.0.0.1:5672/?bogus=1"):           # bad option
             monkeypatch.setenv("AIRFLOW_CONN_AMQP_DEFAULT", url)
@@ -121,6 +122,7 @@ def test_the_password_appears_nowhere_but_in_the_secret(secret_user, kube_conn, 
 
     everything = "\n".join(seen)
     assert "Processing a" in everything and "refused the credentials" in everything  # we did look at the right things
+    assert "longer than the outage window" in everything  # ... the unreachable broker's error too
     assert password not in everything and wrong not in everything
     # ... and the Secret is where it is: referenced by the Job, owned by it
     env_var = next(e for e in job.spec.template.spec.containers[0].env if e.name == "BROKER_URL")

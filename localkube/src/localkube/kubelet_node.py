@@ -35,6 +35,7 @@ from localkube.pki import issue_serving_cert
 from localkube.processes import free_port, kill_until_gone
 
 CNI_BIN_DIR = "/usr/lib/cni"  # Debian's containernetworking-plugins
+MAX_RESTART_BACKOFF_SECONDS = 10
 NODE_PACKAGES = {"containerd": "containerd", "runc": "runc", "ctr": "containerd",
                  f"{CNI_BIN_DIR}/bridge": "containernetworking-plugins", "gcc": "gcc", "socat": "socat",
                  "iptables": "iptables", "conntrack": "conntrack"}
@@ -193,6 +194,10 @@ state = "{base / 'state'}"
             "evictionHard": {"memory.available": "1Mi", "nodefs.available": "1%", "imagefs.available": "1%"},
             "imageGCHighThresholdPercent": 100, "imageGCLowThresholdPercent": 99,
             "localStorageCapacityIsolation": False, "serializeImagePulls": False,
+            # a crash-looping container waits at most 10 s between restarts (default 300 s; an alpha knob in
+            # 1.34, KEP-4603): the same CrashLoopBackOff, without minutes of waiting in every such test
+            "featureGates": {"KubeletCrashLoopBackOffMax": True},
+            "crashLoopBackOff": {"maxContainerRestartPeriod": f"{MAX_RESTART_BACKOFF_SECONDS}s"},
         }, indent=2))
         cluster._spawn("kubelet", self.network.enter([
             str(cluster.bin_path / "kubelet"), "--config", str(config), "--kubeconfig", self.kubeconfig,
