@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 import secrets
-import subprocess
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from kubernetes import client
@@ -37,14 +37,11 @@ def real_node(real_cluster):
 
 
 @pytest.fixture
-def pod_user(broker_url):
-    """A broker user the pods can log in as from the pod network (RabbitMQ's guest is loopback-only)."""
-    user, password = f"wq-node-{secrets.token_hex(4)}", "p" + secrets.token_urlsafe(18)
-    for args in (["add_user", user, password], ["set_permissions", "-p", "/", user, ".*", ".*", ".*"]):
-        result = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60)
-        assert result.returncode == 0, result.stderr
-    yield user, password
-    subprocess.run(["rabbitmqctl", "delete_user", user], capture_output=True, timeout=60)
+def pod_user(pod_broker_url):
+    """(user, password) of the session's broker user for pods (RabbitMQ's guest is loopback-only); here
+    Airflow reaches the broker at 127.0.0.1 and the pods at the host's address (``pod_broker_host``)."""
+    url = urlsplit(pod_broker_url)
+    return url.username, url.password
 
 
 def test_the_worker_image_from_the_dockerfile_processes_every_item_on_a_real_node(real_node, pod_user, queue_name,
