@@ -12,9 +12,10 @@
 #   scripts/ensure-rabbitmq4.sh ctl ARGS rabbitmqctl ARGS against the node (the 4.0 CLI)
 #   scripts/ensure-rabbitmq4.sh stop     stop the node
 #
-# The node: rabbit4@localhost, AMQP on 127.0.0.1:5673, Erlang distribution on 25673, its own epmd
-# on 4370 (ERL_EPMD_PORT), data, logs and Erlang cookie under /var/lib/workqueue-rabbit4 inside
-# the rootfs. guest/guest works (guest is limited to loopback connections, and these are).
+# The node: rabbit4@localhost, AMQP on port 5673 of every local address (like the host's 3.10: pods of
+# the local cluster reach it at the host's address on their network), Erlang distribution on 25673,
+# its own epmd on 4370 (ERL_EPMD_PORT), data, logs and Erlang cookie under /var/lib/workqueue-rabbit4
+# inside the rootfs. guest/guest works from 127.0.0.1 (guest is limited to loopback connections).
 # Exits non-zero with diagnostics if the node can't be built or started, so tests fail, never skip.
 set -euo pipefail
 
@@ -41,7 +42,7 @@ in_root() {
 
 # The broker's environment (inside the rootfs), for rabbitmq-server and rabbitmqctl alike.
 node_env=(env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=$data/home LANG=C.UTF-8 LC_ALL=C.UTF-8
-  RABBITMQ_NODENAME="$node" RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 RABBITMQ_NODE_PORT="$port"
+  RABBITMQ_NODENAME="$node" RABBITMQ_NODE_IP_ADDRESS=0.0.0.0 RABBITMQ_NODE_PORT="$port"
   RABBITMQ_DIST_PORT="$dist_port" ERL_EPMD_PORT="$epmd_port"
   RABBITMQ_MNESIA_BASE=$data/mnesia RABBITMQ_LOG_BASE=$data/log RABBITMQ_LOGS=$data/log/rabbit.log
   RABBITMQ_CONFIG_FILE=$data/rabbitmq.conf RABBITMQ_ADVANCED_CONFIG_FILE=$data/advanced.config

@@ -39,9 +39,10 @@ class BrokerCluster:
     def password(self) -> str:
         return self.nodes[0].password
 
-    def host_list(self, order: list[int] | None = None) -> str:
-        """``127.0.0.1:p1,127.0.0.1:p2,...`` in ``order`` (node indexes; default 0, 1, 2)."""
-        return ",".join(f"127.0.0.1:{self.nodes[i].port}" for i in (order or range(len(self.nodes))))
+    def host_list(self, order: list[int] | None = None, host: str = "127.0.0.1") -> str:
+        """``host:p1,host:p2,...`` in ``order`` (node indexes; default 0, 1, 2); pods reach the nodes at the
+        cluster's ``host_ip``."""
+        return ",".join(f"{host}:{self.nodes[i].port}" for i in (order or range(len(self.nodes))))
 
     def url(self, order: list[int] | None = None) -> str:
         return f"amqp://{self.user}:{self.password}@{self.host_list(order)}/"

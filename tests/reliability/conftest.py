@@ -27,9 +27,11 @@ def private_broker() -> Iterator[PrivateBroker]:
 
 
 @pytest.fixture
-def private_conn(private_broker: PrivateBroker, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Airflow connection ``amqp_private`` to the private node."""
+def private_conn(request: pytest.FixtureRequest, private_broker: PrivateBroker, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Airflow connection ``amqp_private`` to the private node: where pods reach it too when the test runs
+    pods (``cluster``)."""
+    host = request.getfixturevalue("cluster").host_ip if "cluster" in request.fixturenames else "127.0.0.1"
     monkeypatch.setenv("AIRFLOW_CONN_AMQP_PRIVATE", json.dumps({
-        "conn_type": "amqp", "host": "127.0.0.1", "port": private_broker.port, "login": private_broker.user,
+        "conn_type": "amqp", "host": host, "port": private_broker.port, "login": private_broker.user,
         "password": private_broker.password}))
     return "amqp_private"

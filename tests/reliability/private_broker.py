@@ -64,7 +64,8 @@ class PrivateBrokerError(RuntimeError):
 
 
 class PrivateBroker:
-    """``rabbitmq-server`` in the foreground on 127.0.0.1:<free port>, user ``user``/<random password>.
+    """``rabbitmq-server`` in the foreground on <free port> of every local address (127.0.0.1 for the test,
+    the local cluster's ``host_ip`` for pods), user ``user``/<random password>.
 
     ``config`` lines are appended to its rabbitmq.conf; ``advanced`` is an Erlang term list for
     advanced.config (e.g. ``[{rabbit, [{channel_tick_interval, 1000}]}]``).
@@ -97,7 +98,7 @@ class PrivateBroker:
         env.update({
             "HOME": str(self.base / "home"),
             "RABBITMQ_NODENAME": self.node,
-            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_IP_ADDRESS": "0.0.0.0",  # every local address: pods reach it at the cluster's host_ip
             "RABBITMQ_NODE_PORT": str(self.port),
             "RABBITMQ_DIST_PORT": str(self.dist_port),
             "RABBITMQ_MNESIA_BASE": str(self.base / "mnesia"),

@@ -327,6 +327,7 @@ HELD_UNTIL_THE_NODE_RETURNS = pytest.mark.skipif(
 
 
 @pytest.mark.cluster
+@pytest.mark.real_node
 @pytest.mark.both_brokers
 @pytest.mark.parametrize("node_back", [pytest.param(True, id="restarted-by-its-statefulset"),
                                        pytest.param(False, id="gone-for-good", marks=HELD_UNTIL_THE_NODE_RETURNS)])
@@ -338,7 +339,7 @@ def test_a_node_killed_while_pods_consume_loses_nothing(rabbit, monkeypatch, kub
     reconnect to another node, the Job completes, the account adds up."""
     from tests.conftest import worker_output
     from tests.reliability.test_job_broker_outage import run_in_background, wait_for_files, wait_until_processed
-    from tests.reliability.test_job_faults import job_op, worker_script
+    from tests.reliability.test_job_faults import job_op, shared_folder, worker_script
 
     name, items = queue(), [f"item-{i:02d}" for i in range(20)]
     DeclareQueueOperator(task_id="declare", queue_name=name,
@@ -349,12 +350,12 @@ def test_a_node_killed_while_pods_consume_loses_nothing(rabbit, monkeypatch, kub
     conn = airflow_conn(monkeypatch, rabbit, [ledger, *(i for i in range(3) if i != ledger)])
     FillQueueOperator(task_id="fill", queue_name=name, items=items, amqp_conn_id=conn).execute(task_context())
     started, hold = tmp_path / "started", tmp_path / "hold"
-    started.mkdir()
+    shared_folder(started)
     # each item: print it, note it started, and (while ``hold`` exists) keep working on it
     worker = f'echo "Processing $item"\ntouch "{started}/$item"\nwhile [ -e {hold} ]; do sleep 0.2; done\n'
     operator = job_op(name, namespace, worker_script(tmp_path, worker),
                       amqp_conn_id=conn, parallelism=2, timeout=600,
-                      pod_broker_host=rabbit.host_list([killed_node, *others]))
+                      pod_broker_host=rabbit.host_list([killed_node, *others], host=cluster.host_ip))
     thread, outcome = run_in_background(operator)
     wait_until_processed(conn, name, 4)
     hold.touch()
@@ -376,13 +377,14 @@ def test_a_node_killed_while_pods_consume_loses_nothing(rabbit, monkeypatch, kub
         assert "+ 0 lost" in str(error), error
         first_job, retried = str(error).split()[1], f" (first Job failed: {str(error)[:160]}...; one retry)"
         outcome["summary"] = job_op(name, namespace, worker_script(tmp_path, worker), amqp_conn_id=conn, parallelism=2,
-                                    timeout=600).execute(task_context(try_number=2))
+                                    timeout=600, pod_broker_host=rabbit.host_list(host=cluster.host_ip),
+                                    ).execute(task_context(try_number=2))
     summary = outcome["summary"]
     found = summary["account"]
     assert (found["filled"], found["processed"], found["dead_lettered"], found["left"], found["lost"]) == (20, 20, 0, 0, 0)
     assert summary["failed"] == 0, "a pod failed: the node loss counted against the backoff limit"
     lines = worker_output(cluster, core, namespace, first_job or summary["job_name"])
-    assert any(f"Connected to the broker node 127.0.0.1:{rabbit.nodes[others[0]].port}" in line for line in lines), lines
+    assert any(f"Connected to the broker node {cluster.host_ip}:{rabbit.nodes[others[0]].port}" in line for line in lines), lines
     reconnects = [float(m["seconds"]) for line in lines if (m := RECONNECTED.search(line))]
     assert sum("Lost the broker" in line for line in lines) >= 2, lines
     assert len(reconnects) >= 2, f"the pods holding items did not reconnect: {lines}"

@@ -11,12 +11,12 @@ import pytest
 
 from tests.conftest import task_context
 from tests.integration.test_job_side import run_trigger
-from tests.reliability.test_job_faults import job_op, processed, worker_script
+from tests.reliability.test_job_faults import job_op, processed, shared_folder, worker_script
 from workqueue_provider.compat import TaskDeferred
 from workqueue_provider.exceptions import JobError
 from workqueue_provider.operators.queue import DeclareQueueOperator, DeleteQueueOperator, FillQueueOperator
 
-pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.both_brokers]
+pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.both_brokers, pytest.mark.real_node]
 FRUIT = ["apple", "banana", "cherry", "date", "fig", "grape"]
 PRINT = 'echo "Processing $item"\n'
 
@@ -37,7 +37,7 @@ def test_the_summary_carries_an_account_that_adds_up(amqp_conn, kube_conn, clust
     filled(queue_name, FRUIT)
     summary = job_op(queue_name, namespace, worker_script(tmp_path, PRINT)).execute(task_context())
     assert account(summary) == (6, 6, 0, 0, 0, 0)
-    assert processed(cluster, core, namespace, summary["job_name"]) == sorted(f"Processing {f}" for f in FRUIT)
+    assert processed(tmp_path, summary["job_name"]) == sorted(f"Processing {f}" for f in FRUIT)
 
 
 def test_items_the_broker_drops_fail_the_run_as_lost(amqp_conn, kube_conn, cluster, namespace, queue_name, broker_url,
@@ -64,7 +64,7 @@ def test_a_retry_after_a_failed_job_runs_a_new_job_on_the_items_left(amqp_conn, 
     summary = job_op(queue_name, namespace, command, backoff_limit=0, parallelism=1).execute(task_context(try_number=2))
     assert summary["job_name"].endswith("-g2")
     assert account(summary) == (6, 6, 0, 0, 0, 0)
-    assert processed(cluster, core, namespace, summary["job_name"]) == sorted(f"Processing {f}" for f in FRUIT)
+    assert processed(tmp_path, summary["job_name"]) == sorted(f"Processing {f}" for f in FRUIT)
 
 
 def test_a_cleared_run_after_a_failure_finishes_only_the_items_left(amqp_conn, kube_conn, cluster, core, namespace,
@@ -83,8 +83,8 @@ def test_a_cleared_run_after_a_failure_finishes_only_the_items_left(amqp_conn, k
     summary = job_op(queue_name, namespace, command, backoff_limit=0, parallelism=1).execute(task_context(try_number=2))
     assert summary["job_name"].endswith("-g2")
     assert account(summary) == (6, 6, 0, 0, 0, 0)
-    first = processed(cluster, core, namespace, summary["job_name"].removesuffix("-g2"))
-    second = processed(cluster, core, namespace, summary["job_name"])
+    first = processed(tmp_path, summary["job_name"].removesuffix("-g2"))
+    second = processed(tmp_path, summary["job_name"])
     assert sorted(first + second) == sorted(f"Processing {f}" for f in FRUIT)  # none twice, none missing
 
 
@@ -100,7 +100,7 @@ def test_a_cleared_successful_run_processes_again_only_what_was_refilled(amqp_co
     second = job_op(queue_name, namespace, command).execute(task_context(try_number=2))
     assert second["job_name"] == f"{first['job_name']}-g2"
     assert account(second) == (6, 6, 0, 0, 0, 0)
-    assert processed(cluster, core, namespace, second["job_name"]) == sorted(f"Processing {f}" for f in FRUIT)
+    assert processed(tmp_path, second["job_name"]) == sorted(f"Processing {f}" for f in FRUIT)
     # cleared again, the queue kept: the fill publishes nothing, the finished Job counts as done, no third Job
     filled(queue_name, FRUIT, try_number=3)
     third = job_op(queue_name, namespace, command).execute(task_context(try_number=3))
@@ -130,7 +130,7 @@ def test_a_relaunch_while_killed_pods_still_hold_items_counts_those_items(amqp_c
     once, before those pods have let go. Completions must count the held (unacked) items too, not just the
     ready ones, or the new Job ends with items left."""
     started, gate = tmp_path / "started", tmp_path / "go"
-    started.mkdir()
+    shared_folder(started)
     # the worker notes its item, waits for the gate, and on SIGTERM gives up its item only after 3 s
     command = worker_script(tmp_path, f'trap "sleep 3; exit 143" TERM\ntouch "{started}/$item"\n'
                                       f'while [ ! -e {gate} ]; do sleep 0.2; done\n{PRINT}')

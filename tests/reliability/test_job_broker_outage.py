@@ -12,13 +12,13 @@ import time
 import pytest
 
 from tests.conftest import task_context, worker_output
-from tests.reliability.test_job_faults import job_op, worker_script
+from tests.reliability.test_job_faults import job_op, shared_folder, worker_script
 from workqueue_provider.exceptions import JobError
 from workqueue_provider.hooks.amqp import AmqpHook
 from workqueue_provider.operators.queue import DeclareQueueOperator, FillQueueOperator
 from workqueue_provider.verification import settled_account
 
-pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.both_brokers]
+pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.both_brokers, pytest.mark.real_node]
 ITEMS = [f"item-{i:02d}" for i in range(20)]
 SLOW = 'echo "Processing $item"\nsleep 1\n'
 RECONNECTED = re.compile(r"Reconnected to the broker .* after (?P<seconds>[\d.]+) s")
@@ -65,7 +65,7 @@ def test_the_run_rides_out_a_broker_outage_while_the_pods_consume(private_broker
                                                                   core, namespace, tmp_path, outage_seconds):
     queue = f"outage-{outage_seconds}"
     started, hold = tmp_path / "started", tmp_path / "hold"
-    started.mkdir()
+    shared_folder(started)
     # each item: print it, note it started, and (while ``hold`` exists) keep working on it
     worker = f'echo "Processing $item"\ntouch "{started}/$item"\nwhile [ -e {hold} ]; do sleep 0.2; done\n'
     fill(private_conn, queue)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
+import re
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,7 +15,7 @@ import pytest
 import structlog.testing
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from tests.conftest import task_context, worker_output
+from tests.conftest import WORKER_IMAGE, task_context
 from workqueue_provider.compat import TaskDeferred
 from workqueue_provider.exceptions import JobError
 from workqueue_provider.hooks import kubernetes_async
@@ -25,8 +25,7 @@ from workqueue_provider.operators.job import QueueJobOperator
 from workqueue_provider.operators.queue import DeclareQueueOperator, FillQueueOperator
 from workqueue_provider.triggers.job import JobCompleteTrigger
 
-pytestmark = [pytest.mark.integration, pytest.mark.cluster]
-VENV_BIN = Path(sys.executable).parent
+pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.real_node]
 
 
 def filled(queue, items, **declare):
@@ -34,23 +33,47 @@ def filled(queue, items, **declare):
     FillQueueOperator(task_id="fill", queue_name=queue, items=items).execute(task_context())
 
 
-def worker_script(tmp_path: Path, body: str) -> list[str]:
-    """A Job command: workqueue-consume running ``sh <script>`` per item (the item on stdin)."""
+def worker_script(tmp_path: Path, body: str, **pod_spec) -> dict:
+    """A Job's worker: the worker image's workqueue-consume running ``sh <script>`` per item (the item on
+    stdin, in ``$item``). The script is written to ``tmp_path``, which the pods mount (hostPath) at the same
+    path, writable by their non-root user: the test and the workers share files there (markers, gates).
+    What the script echoes also goes to ``printed.<pod name>`` there (read by printed()): once a pod has ended,
+    the kubelet keeps the log of its container's last run only. ``pod_spec``: more pod spec fields."""
+    shared_folder(tmp_path)
     script = tmp_path / "worker.sh"
-    script.write_text("item=$(cat)\n" + body)
-    return ["sh", "-c", f"exec {VENV_BIN}/workqueue-consume sh {script}"]
+    copy_echo = f'echo() {{ command echo "$@"; command echo "$@" >> "{tmp_path}/printed.$HOSTNAME"; }}\n'
+    script.write_text("item=$(cat)\n" + copy_echo + body)
+    volume = {"name": "shared", "hostPath": {"path": str(tmp_path), "type": "Directory"}}
+    mount = {"name": "shared", "mountPath": str(tmp_path)}
+    return {"command": ["workqueue-consume", "sh", str(script)],
+            "pod_template": {"spec": {"volumes": [volume], "containers": [{"name": "worker", "volumeMounts": [mount]}],
+                                      **pod_spec}}}
 
 
-def job_op(queue, namespace, command, **kwargs):
+def shared_folder(path: Path) -> Path:
+    """``path`` (made if missing) writable by the pods' non-root user."""
+    path.mkdir(exist_ok=True)
+    path.chmod(0o777)
+    return path
+
+
+def job_op(queue, namespace, worker: dict | list[str], **kwargs):
+    """QueueJobOperator on the worker image with ``worker`` (a worker_script(), or a command)."""
+    kwargs = {**(worker if isinstance(worker, dict) else {"command": worker}), **kwargs}
     kwargs.setdefault("deferrable", False)
     kwargs.setdefault("poll_interval", 0.5)
     kwargs.setdefault("timeout", 300)
-    return QueueJobOperator(task_id="run_job", queue_name=queue, namespace=namespace, image="job-wq-1",
-                            command=command, **kwargs)
+    return QueueJobOperator(task_id="run_job", queue_name=queue, namespace=namespace, image=WORKER_IMAGE, **kwargs)
 
 
-def processed(cluster, core, namespace, job_name) -> list[str]:
-    return sorted(line for line in worker_output(cluster, core, namespace, job_name) if line.startswith("Processing "))
+def printed(folder: Path, job_name: str) -> list[str]:
+    """Every line the pods of Job ``job_name`` echoed from a worker_script() in ``folder``, in all their runs."""
+    own = re.compile(rf"printed\.{re.escape(job_name)}-[a-z0-9]{{5}}")  # a Job's pods: <job name>-<5 characters>
+    return [line for path in sorted(folder.iterdir()) if own.fullmatch(path.name) for line in path.read_text().splitlines()]
+
+
+def processed(folder: Path, job_name: str) -> list[str]:
+    return sorted(line for line in printed(folder, job_name) if line.startswith("Processing "))
 
 
 def wait_for_running_pod(core, namespace, timeout=60):
@@ -108,13 +131,13 @@ if [ "$item" = victim ] && mkdir {marker} 2>/dev/null; then
   exit 1
 fi
 echo "Processing $item"
-""")
+""", shareProcessNamespace=True)  # the consumer is not the pid namespace's init then, which SIGKILL can't end
     summary = job_op(queue_name, namespace, command).execute(task_context())
     assert summary["succeeded"] == 4 and summary["items_left"] == 0
     account = {k: summary["account"][k] for k in ("filled", "processed", "dead_lettered", "left", "lost", "duplicated")}
     assert account == {"filled": 4, "processed": 4, "dead_lettered": 0, "left": 0, "lost": 0, "duplicated": 0}
-    assert processed(cluster, core, namespace, summary["job_name"]) == sorted(f"Processing {i}" for i in items)
-    lines = worker_output(cluster, core, namespace, summary["job_name"])
+    assert processed(tmp_path, summary["job_name"]) == sorted(f"Processing {i}" for i in items)
+    lines = printed(tmp_path, summary["job_name"])
     assert sum("SIGKILL to the consumer" in line for line in lines) == 1
     pods = core.list_namespaced_pod(namespace).items
     restarts = sum(s.restart_count for p in pods for s in p.status.container_statuses or [])
@@ -166,7 +189,7 @@ def test_a_restarted_triggerer_reattaches_to_the_same_job(amqp_conn, kube_conn, 
     summary = operator.execute_complete(task_context(try_number=2), event)
     assert summary["succeeded"] == 4 and summary["items_left"] == 0
     assert [j.metadata.name for j in batch.list_namespaced_job(namespace).items] == [first.job_name], "no second Job"
-    assert processed(cluster, core, namespace, first.job_name) == sorted(f"Processing {i}" for i in items)
+    assert processed(tmp_path, first.job_name) == sorted(f"Processing {i}" for i in items)
 
 
 def test_before_airflow_3_3_a_killed_deferred_task_deletes_its_job_in_cleanup(amqp_conn, kube_conn, cluster, batch,
@@ -231,7 +254,7 @@ def test_the_watch_survives_an_api_server_restart(amqp_conn, kube_conn, cluster,
     operator = job_op(queue_name, namespace, command, parallelism=1)
     summary = operator.execute_complete(task_context(), event)
     assert summary["items_left"] == 0
-    assert processed(cluster, core, namespace, launched["job_name"]) == sorted(f"Processing {i}" for i in items)
+    assert processed(tmp_path, launched["job_name"]) == sorted(f"Processing {i}" for i in items)
 
 
 def test_waiting_in_the_worker_rides_out_an_api_server_restart(amqp_conn, kube_conn, cluster, core, namespace,
@@ -268,7 +291,7 @@ def test_waiting_in_the_worker_rides_out_an_api_server_restart(amqp_conn, kube_c
     assert summary["succeeded"] >= 6 and summary["items_left"] == 0
     account = summary["account"]
     assert (account["filled"], account["processed"], account["left"], account["lost"]) == (6, 6, 0, 0)
-    lines = processed(cluster, core, namespace, summary["job_name"])
+    lines = processed(tmp_path, summary["job_name"])
     assert sorted(set(lines)) == sorted(f"Processing {i}" for i in items)
     assert len(lines) == 6 + account["duplicated"], "every extra run of an item is in the account"
 
@@ -325,6 +348,6 @@ echo "Processing $item"
     account = {k: summary["account"][k] for k in ("filled", "processed", "dead_lettered", "left", "lost", "duplicated")}
     assert account == {"filled": 4, "processed": 3, "dead_lettered": 1, "left": 0, "lost": 0, "duplicated": 0}
     assert summary["succeeded"] == 4
-    assert processed(cluster, core, namespace, summary["job_name"]) == sorted(f"Processing {i}" for i in items
+    assert processed(tmp_path, summary["job_name"]) == sorted(f"Processing {i}" for i in items
                                                                               if i != "poison")
     assert AmqpHook().queue_depth(queue_name).messages == 0 and AmqpHook().queue_depth(dead).messages == 1

@@ -16,7 +16,7 @@ from tests.conftest import task_context
 from tests.reliability.test_job_faults import filled, job_op, processed, worker_script
 from workqueue_provider.kube.failure_policy import queue_failure_policy
 
-pytestmark = [pytest.mark.integration, pytest.mark.cluster]
+pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.real_node]
 
 
 def evict_when_held(core, namespace: str, holder, timeout: float = 120) -> str:
@@ -62,7 +62,7 @@ echo "Processing $item"
     summary = result["summary"]
     account = {k: summary["account"][k] for k in ("filled", "processed", "dead_lettered", "left", "lost", "duplicated")}
     assert account == {"filled": 4, "processed": 4, "dead_lettered": 0, "left": 0, "lost": 0, "duplicated": 0}
-    assert processed(cluster, core, namespace, summary["job_name"]) == sorted(f"Processing {i}" for i in items)
+    assert processed(tmp_path, summary["job_name"]) == sorted(f"Processing {i}" for i in items)
     assert evicted not in {p.metadata.name for p in core.list_namespaced_pod(namespace).items}
     job = batch.read_namespaced_job(summary["job_name"], namespace)
     conditions = {c.type: c.status for c in job.status.conditions or []}

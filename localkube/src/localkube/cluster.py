@@ -57,7 +57,15 @@ CONTROLLERS = [
 ]
 #: with a real kubelet: the not-ready taint it registers with is lifted once the node is Ready (and a node
 #: that stops reporting is tainted and its pods evicted, as on any cluster)
-KUBELET_NODE_CONTROLLERS = ["node-lifecycle-controller", "endpointslice-controller"]  # kube-proxy reads EndpointSlices
+KUBELET_NODE_CONTROLLERS = [
+    "node-lifecycle-controller",
+    "endpointslice-controller",  # kube-proxy and CoreDNS read EndpointSlices
+    # PersistentVolumeClaims bind to PersistentVolumes (a StatefulSet's volumeClaimTemplates); the claims'
+    # and volumes' protection finalizers are lifted once nothing uses them
+    "persistentvolume-binder-controller",
+    "persistentvolumeclaim-protection-controller",
+    "persistentvolume-protection-controller",
+]
 NODES = ("agent", "kubelet")  # the node agent (pods as host processes), or a real kubelet (kubelet_node.py)
 
 #: Users with a token in the token-auth-file.  "admin" is in system:masters;
