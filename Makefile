@@ -66,7 +66,7 @@ demo: broker
 	@venv="$(VENV)"; "$$venv/bin/python" scripts/demo.py
 
 ## make cluster: the local cluster with a real node and the example's images, in the foreground; prints the
-## kubeconfig path and the commands to run the example against it (`--node agent`: the node agent instead).
+## kubeconfig path and the commands to run the example against it.
 cluster:
 	@venv="$(VENV)"; "$$venv/bin/python" scripts/cluster.py up --kubeconfig-out "$(WORKQUEUE_CACHE)/local-cluster/kubeconfig"
 

@@ -140,7 +140,7 @@ def real_node_cluster(**cluster_options: Any) -> Iterator[tuple[Any, str]]:
     subprocess.run(["rabbitmqctl", "-q", "add_user", user, password], check=True, capture_output=True)
     subprocess.run(["rabbitmqctl", "-q", "set_permissions", user, ".*", ".*", ".*"], check=True, capture_output=True)
     try:
-        with LocalCluster(node="kubelet", repo=REPO, **cluster_options) as cluster:
+        with LocalCluster(**cluster_options) as cluster:
             cluster.load_image(archive)
             url = f"amqp://{user}:{password}@{cluster.host_ip}:{urlsplit(BROKER_URL).port or 5672}/"
             os.environ["AIRFLOW_CONN_AMQP_DEFAULT"] = url

@@ -132,7 +132,7 @@ def main() -> int:
     from workqueue_provider.hooks.kubernetes_async import WATCH_SECONDS  # noqa: F401
     from workqueue_provider.triggers.job import JobCompleteTrigger  # noqa: F401
 
-    with LocalCluster(node="kubelet", audit_log=True) as cluster:
+    with LocalCluster(audit_log=True) as cluster:
         print(f"wait_cost: the cluster and its real node up in {cluster.startup_seconds:.1f} s (audit log on)", flush=True)
         grant_job_reader(cluster, [OURS, ANCHOR], NAMESPACE)
         set_kube_conn("bench_ours", cluster.kubeconfig_for(OURS))

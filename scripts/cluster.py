@@ -3,7 +3,7 @@ worker built from worker/Dockerfile, RabbitMQ 4.0), running in the foreground; p
 and on stderr the commands to run the example against it (the DAG then starts RabbitMQ in the cluster,
 as `make demo` does).
 
-    python scripts/cluster.py up [--kubeconfig-out P] [--state-file F] [--detach] [--node agent]
+    python scripts/cluster.py up [--kubeconfig-out P] [--state-file F] [--detach]
 """
 
 from __future__ import annotations
@@ -21,11 +21,6 @@ from localkube.cli import add_up_arguments, up
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `python scripts/cluster.py`: scripts.real_node_images is importable
 
-#: The README example's worker image (the tutorial's job-wq-1) as the node agent runs it: workqueue-consume
-#: giving each item to worker/worker.py. `make cluster` and scripts/demo.py (make demo) load it.
-EXAMPLE_IMAGES: dict[str, dict] = {
-    "job-wq-1": {"entrypoint": ["sh", "-c", "exec {venv_bin}/workqueue-consume {python} {repo}/worker/worker.py"]},
-}
 #: Where `make cluster` writes the admin kubeconfig: the same path every time, so the next commands stay valid.
 MAKE_CLUSTER_KUBECONFIG = Path(os.environ.get("WORKQUEUE_CACHE", Path.home() / ".cache/workqueue")) / "local-cluster/kubeconfig"
 BROKER_NODE_PORT = 30672  # the example broker's Service on the local node, for Airflow on this machine
@@ -81,11 +76,10 @@ def next_commands(kubeconfig: str | os.PathLike, *, kubectl: str = "kubectl", na
 
 
 def announce(cluster: LocalCluster, kubeconfig: str) -> None:
-    node = cluster.kubelet_node
-    loaded = "the worker and RabbitMQ images" if node else f"image {', '.join(EXAMPLE_IMAGES)}"
-    print(f"cluster up in {cluster.startup_seconds:.1f}s: {cluster.server} (Ctrl-C stops it); "
-          f"{loaded} loaded (the README's example). Next, in another shell:", file=sys.stderr)
-    environment = example_environment(node.node_ip) if node else None
+    assert cluster.kubelet_node is not None
+    print(f"cluster up in {cluster.startup_seconds:.1f}s: {cluster.server} (Ctrl-C stops it); the worker and "
+          f"RabbitMQ images loaded (the README's example). Next, in another shell:", file=sys.stderr)
+    environment = example_environment(cluster.kubelet_node.node_ip)
     for command in next_commands(kubeconfig, kubectl=cluster.kubectl_path, environment=environment):
         print(f"  {command}", file=sys.stderr)
 
@@ -94,12 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     add_up_arguments(sub.add_parser("up", help="start the cluster; runs until SIGINT/SIGTERM"))
-    sub.choices["up"].set_defaults(node="kubelet")  # make cluster: a real node, as make demo
     args = parser.parse_args(argv)
-    args.repo = args.repo or str(REPO)
-    if args.node == "kubelet":
-        args.load += [str(archive) for _, archive in example_images()]
-    return up(args, images=EXAMPLE_IMAGES, announce=announce)
+    args.load += [str(archive) for _, archive in example_images()]
+    return up(args, announce=announce)
 
 
 if __name__ == "__main__":

@@ -88,7 +88,7 @@ def control_plane() -> Iterator[tuple[str, Any, dict[str, str]]]:
     images = example_images()
     print("demo: starting the local cluster (kube-apiserver, controllers, scheduler, etcd; a real node: kubelet, "
           "containerd, kube-proxy, CoreDNS)...", flush=True)
-    with LocalCluster(node="kubelet", repo=REPO) as cluster:
+    with LocalCluster() as cluster:
         for _, archive in images:
             cluster.load_image(archive)
         node = cluster.kubelet_node

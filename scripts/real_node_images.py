@@ -1,4 +1,4 @@
-"""The example's images for a real node (``LocalCluster(node="kubelet")``, kind, any cluster), built here
+"""The example's images for a real node (``LocalCluster``, kind, any cluster), built here
 without a Docker engine or a registry, cached in ``$WORKQUEUE_CACHE/localkube/images`` by content hash:
 
 - :func:`worker_image`: the tutorial's job-wq-1 worker, built from ``worker/Dockerfile`` itself (buildah,
@@ -11,7 +11,8 @@ without a Docker engine or a registry, cached in ``$WORKQUEUE_CACHE/localkube/im
   like the official image (EnsureBrokerOperator's "restricted" pod runs as 999).
 
 Each returns ``(image reference, docker-archive)``; load it with ``LocalCluster.load_image`` or
-``localkube load-image``, or ``kind load image-archive`` on kind.
+``localkube load-image``, or ``kind load image-archive`` on kind. ``python scripts/real_node_images.py``
+builds the three and prints their archives.
 """
 
 from __future__ import annotations
@@ -83,3 +84,14 @@ def _with_id(table: str, name: str, new_id: int, gid_field: int | None = None) -
             raise RuntimeError(f"id {new_id} is taken by {fields[0]!r} in the RabbitMQ root filesystem")
         lines.append(":".join(fields))
     return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    """Build (or reuse) the example's images and print their docker-archives, one per line: what to load into
+    another cluster before running the tests on it (``kind load image-archive``)."""
+    for build in (worker_image, tutorial_worker_image, rabbitmq_image):
+        print(build()[1], flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
+from localkube import LocalCluster
 from scripts.real_node_images import (  # noqa: F401  (tests import the image names from here)
     RABBITMQ_IMAGE,
     TUTORIAL_WORKER_IMAGE,
@@ -69,9 +70,9 @@ def broker_url() -> str:
 
 @pytest.fixture
 def amqp_conn(request: pytest.FixtureRequest, broker_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The default Airflow AMQP connection, pointing at the test broker: where the real node's pods reach
-    it too for tests marked ``real_node``, at 127.0.0.1 as guest otherwise."""
-    url = request.getfixturevalue("pod_broker_url") if on_the_real_node(request) else broker_url
+    """The default Airflow AMQP connection, pointing at the test broker: for tests that run pods (marked
+    ``cluster``) where the pods reach it too, for the others at 127.0.0.1 as guest."""
+    url = request.getfixturevalue("pod_broker_url") if request.node.get_closest_marker("cluster") else broker_url
     monkeypatch.setenv("AIRFLOW_CONN_AMQP_DEFAULT", url)
     return "amqp_default"
 
@@ -109,30 +110,15 @@ def queue_name(broker_url: str) -> Iterator[str]:
     connection.close()
 
 
-# The seed's worker image, run by the node agent as local processes: with workqueue-consume (ours)
-# and with amqp-consume (the seed's own command, from Debian's amqp-tools).
-WORKER_IMAGES = {
-    "job-wq-1": ["sh", "-c", "exec {venv_bin}/workqueue-consume {python} {repo}/worker/worker.py"],
-    "job-wq-1-amqp-consume": ["sh", "-c",
-                              "exec amqp-consume --url=$BROKER_URL -q $QUEUE -c 1 -- {python} {repo}/worker/worker.py"],
-}
-
-
 @pytest.fixture(scope="session")
-def agent_cluster(local_cluster):
-    """The local control plane and the node agent, with the worker images registered."""
-    for image, entrypoint in WORKER_IMAGES.items():
-        local_cluster.register_image(image, entrypoint=entrypoint)
+def real_cluster(local_cluster):
+    """The cluster the tests' pods run on, with the example's images: the worker built from worker/Dockerfile
+    (WORKER_IMAGE), the tutorial's amqp-consume variant and RabbitMQ 4.0. The local cluster (images loaded
+    here), or the one in KUBECONFIG (images loaded beforehand: docs/testing-on-another-cluster.md)."""
+    if isinstance(local_cluster, LocalCluster):
+        for build in (worker_image, tutorial_worker_image, rabbitmq_image):
+            local_cluster.load_image(build()[1])
     return local_cluster
-
-
-@pytest.fixture(scope="session")
-def real_cluster(local_node_cluster):
-    """The local control plane and a real node, with the example's images loaded: the worker built from
-    worker/Dockerfile (WORKER_IMAGE), the tutorial's amqp-consume variant and RabbitMQ 4.0."""
-    for build in (worker_image, tutorial_worker_image, rabbitmq_image):
-        local_node_cluster.load_image(build()[1])
-    return local_node_cluster
 
 
 _node_ports = iter(random.Random().sample(range(30000, 32768), 2768))
@@ -143,16 +129,10 @@ def free_node_port() -> int:
     return next(_node_ports)
 
 
-def on_the_real_node(request: pytest.FixtureRequest) -> bool:
-    """Whether the test runs its pods on the real node: the suite moves there module by module, each
-    marked ``real_node``; the others still run on the node agent."""
-    return request.node.get_closest_marker("real_node") is not None
-
-
 @pytest.fixture
-def cluster(request: pytest.FixtureRequest):
-    """The cluster the test's pods run on: the real node (``real_node`` tests) or the node agent."""
-    return request.getfixturevalue("real_cluster" if on_the_real_node(request) else "agent_cluster")
+def cluster(real_cluster):
+    """The cluster the test's pods run on (function-scoped; module fixtures use ``real_cluster``)."""
+    return real_cluster
 
 
 @pytest.fixture
@@ -182,12 +162,12 @@ def core(cluster) -> client.CoreV1Api:
 
 
 def worker_output(cluster, core, namespace: str, job_name: str) -> list[str]:
-    """Every line the Job's pods printed: all pods, all restarts (on a real node: each pod's last run and,
-    if it restarted, the run before it, which is what the kubelet keeps)."""
+    """Every line the Job's pods printed, as the kubelet keeps it: each pod's last run and, if it restarted
+    and is still running, the run before it (once a pod has ended, only its last run)."""
     pods = core.list_namespaced_pod(namespace, label_selector=f"batch.kubernetes.io/job-name={job_name}").items
     lines = []
     for pod in pods:
-        if cluster.node == "kubelet" and any(s.restart_count for s in pod.status.container_statuses or []):
+        if any(s.restart_count for s in pod.status.container_statuses or []):
             previous = core.read_namespaced_pod_log(pod.metadata.name, namespace, previous=True, _preload_content=False)
             lines += previous.data.decode(errors="replace").splitlines()  # raw: the client would parse JSON-like lines
         lines += cluster.read_pod_log(namespace, pod.metadata.name).splitlines()

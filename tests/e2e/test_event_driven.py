@@ -20,7 +20,7 @@ from tests.e2e.airflow_services import REPO, AirflowServices
 from workqueue_provider.amqp.connection import BrokerSettings, open_connection
 from workqueue_provider.amqp.queues import QueueSpec, declare, delete, depth
 
-pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.cluster, pytest.mark.real_node, pytest.mark.timeout(2400)]
+pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.cluster, pytest.mark.timeout(2400)]
 
 DAG_ID = "work_queue_on_arrival"
 REPORT_DAG_ID = "work_queue_batch_report"  # scheduled on wait_for_job's outlet Asset

@@ -14,7 +14,7 @@ from scripts.demo import dag_run_succeeded, run_example_dag
 from tests.conftest import WORKER_IMAGE
 from workqueue_provider.hooks.amqp import AmqpHook
 
-pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.real_node]
+pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 REPO = Path(__file__).resolve().parents[2]
 
 #: each DAG in dags/, and the end-to-end test that runs it

@@ -24,7 +24,7 @@ from tests.conftest import WORKER_IMAGE, worker_image
 from tests.e2e.airflow_services import REPO, AirflowServices
 from workqueue_provider.amqp.connection import BrokerSettings
 
-pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.cluster, pytest.mark.real_node, pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.cluster, pytest.mark.timeout(1500)]
 
 DAG_ID = "work_queue_example"
 ITEMS = ["kiwi", "mango", "papaya"]  # not the DAG's defaults

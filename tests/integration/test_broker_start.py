@@ -29,7 +29,7 @@ from workqueue_provider.exceptions import (
 from workqueue_provider.hooks.amqp import AmqpHook
 from workqueue_provider.operators.broker import EnsureBrokerOperator
 
-pytestmark = [pytest.mark.cluster, pytest.mark.integration, pytest.mark.real_node]
+pytestmark = [pytest.mark.cluster, pytest.mark.integration]
 
 def amqp_connection(port: int, host: str = "127.0.0.1", **extra) -> str:
     return json.dumps({"conn_type": "amqp", "host": host, "port": port, "extra": extra})
@@ -94,7 +94,7 @@ def namespace(kube_env):
 def started_broker(kube_env, broker_url):
     """One broker started by the operator for the module: (namespace, node IP, its NodePort, result, captured output)."""
     cluster = kube_env
-    host, port = cluster.kubelet_node.node_ip, free_node_port()
+    host, port = cluster.node_ip, free_node_port()
     ns = create_namespace(cluster)
     records: list[logging.LogRecord] = []
 
@@ -263,6 +263,7 @@ def test_a_missing_namespace_is_named_and_nothing_is_created(kube_env, monkeypat
     assert missing not in {n.metadata.name for n in clients(kube_env)[0].list_namespace().items}
 
 
+@pytest.mark.localkube_only  # its user-1
 def test_an_rbac_refusal_is_named_and_nothing_is_created(namespace, kube_env, monkeypatch):
     monkeypatch.setenv("AIRFLOW_CONN_K8S_NOBODY", json.dumps({"conn_type": "kubernetes", "extra": {
         "kube_config_path": str(kube_env.kubeconfig_for("user-1"))}}))

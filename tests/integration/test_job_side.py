@@ -22,7 +22,7 @@ from workqueue_provider.sensors.job import JobCompleteSensor
 from workqueue_provider.triggers.amqp_message import AmqpMessageTrigger
 from workqueue_provider.triggers.job import JobCompleteTrigger
 
-pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.real_node]
+pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 FRUIT = ["apple", "banana", "cherry", "date", "fig", "grape", "lemon", "melon"]
 
 

@@ -1,4 +1,4 @@
-"""The tutorial on a real node (LocalCluster(node="kubelet")): the worker image built from worker/Dockerfile
+"""The tutorial on the real node: the worker image built from worker/Dockerfile
 (buildah, on a Debian python base), run by QueueJobOperator as its numeric non-root user: every item
 processed once, and proved; with the host's broker, and with the tutorial's own broker, which
 EnsureBrokerOperator starts as a StatefulSet in a container (RabbitMQ 4.0) that pods reach by name."""
@@ -27,7 +27,7 @@ from workqueue_provider.operators.job import QueueJobOperator
 from workqueue_provider.operators.queue import DeclareQueueOperator, FillQueueOperator
 
 TUTORIAL = Path(__file__).resolve().parents[1] / "data" / "tutorial"
-pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.timeout(900), pytest.mark.localkube_only]
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from workqueue_provider.operators.queue import DeclareQueueOperator, FillQueueOp
 from workqueue_provider.sensors.job import JobCompleteSensor
 from workqueue_provider.triggers.job import JobCompleteTrigger
 
-pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.real_node]
+pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted", "pod-security.kubernetes.io/enforce-version": "latest"}
 
 

@@ -63,7 +63,6 @@ def test_leaving_the_loop_early_puts_the_current_item_back(amqp_conn, broker_url
 
 
 @pytest.mark.cluster
-@pytest.mark.real_node
 def test_queue_job_operator_drains_with_the_in_process_example(amqp_conn, kube_conn, cluster, namespace, queue_name):
     prepare(queue_name, FRUIT)
     summary = QueueJobOperator(

@@ -1,4 +1,4 @@
-"""The real node (``LocalCluster(node="kubelet")``): the kubelet, containerd, runc and CNI bridge
+"""The real node (``LocalCluster``): the kubelet, containerd, runc and CNI bridge
 networking run pods from a Debian image built here, and behave as on any cluster: real exit codes, a
 memory limit that OOM-kills, SIGTERM then SIGKILL after the grace period, OnFailure restarts with
 back-off, activeDeadlineSeconds, a Secret in env, a missing image failing as a pull does, Services through
@@ -24,14 +24,15 @@ from localkube.kubelet_node import cgroup_hierarchies
 from localkube.node_images import DEBIAN_IMAGE
 from localkube.node_network import OWNERS, NodeNetwork, remove_stale_networks
 
-pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]  # the first start builds the images (debootstrap)
+# the first start builds the images (debootstrap)
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600), pytest.mark.localkube_only]
 
 
 @pytest.fixture(scope="module")
-def node_cluster(local_node_cluster):
+def node_cluster(local_cluster):
     """The session's real node."""
-    print(f"\nreal node Ready {local_node_cluster.startup_seconds:.1f} s after the start")
-    return local_node_cluster
+    print(f"\nreal node Ready {local_cluster.startup_seconds:.1f} s after the start")
+    return local_cluster
 
 
 @pytest.fixture(scope="module")
@@ -198,8 +199,8 @@ def test_a_pod_reaches_the_host_at_the_host_address(node_cluster, core, namespac
     assert node_cluster.read_pod_log(namespace, "caller").strip() == "hello from the host"
 
 
-def test_stopping_leaves_no_container_mount_namespace_link_cgroup_or_process(pytestconfig):
-    cluster = LocalCluster(node="kubelet", repo=pytestconfig.rootpath).start()
+def test_stopping_leaves_no_container_mount_namespace_link_cgroup_or_process():
+    cluster = LocalCluster().start()
     node = cluster.kubelet_node
     assert node is not None
     workdir = cluster.workdir_path

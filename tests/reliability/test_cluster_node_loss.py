@@ -327,7 +327,6 @@ HELD_UNTIL_THE_NODE_RETURNS = pytest.mark.skipif(
 
 
 @pytest.mark.cluster
-@pytest.mark.real_node
 @pytest.mark.both_brokers
 @pytest.mark.parametrize("node_back", [pytest.param(True, id="restarted-by-its-statefulset"),
                                        pytest.param(False, id="gone-for-good", marks=HELD_UNTIL_THE_NODE_RETURNS)])

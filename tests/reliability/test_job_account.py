@@ -16,7 +16,7 @@ from workqueue_provider.compat import TaskDeferred
 from workqueue_provider.exceptions import JobError
 from workqueue_provider.operators.queue import DeclareQueueOperator, DeleteQueueOperator, FillQueueOperator
 
-pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.both_brokers, pytest.mark.real_node]
+pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.both_brokers, pytest.mark.localkube_only]
 FRUIT = ["apple", "banana", "cherry", "date", "fig", "grape"]
 PRINT = 'echo "Processing $item"\n'
 

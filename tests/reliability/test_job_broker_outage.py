@@ -18,7 +18,7 @@ from workqueue_provider.hooks.amqp import AmqpHook
 from workqueue_provider.operators.queue import DeclareQueueOperator, FillQueueOperator
 from workqueue_provider.verification import settled_account
 
-pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.both_brokers, pytest.mark.real_node]
+pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.both_brokers, pytest.mark.localkube_only]
 ITEMS = [f"item-{i:02d}" for i in range(20)]
 SLOW = 'echo "Processing $item"\nsleep 1\n'
 RECONNECTED = re.compile(r"Reconnected to the broker .* after (?P<seconds>[\d.]+) s")

@@ -25,7 +25,7 @@ from workqueue_provider.operators.job import QueueJobOperator
 from workqueue_provider.operators.queue import DeclareQueueOperator, FillQueueOperator
 from workqueue_provider.triggers.job import JobCompleteTrigger
 
-pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.real_node]
+pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.localkube_only]
 
 
 def filled(queue, items, **declare):

@@ -16,7 +16,7 @@ from tests.conftest import task_context
 from tests.reliability.test_job_faults import filled, job_op, processed, worker_script
 from workqueue_provider.kube.failure_policy import queue_failure_policy
 
-pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.real_node]
+pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.localkube_only]
 
 
 def evict_when_held(core, namespace: str, holder, timeout: float = 120) -> str:

@@ -19,7 +19,7 @@ from workqueue_provider.operators.job import QueueJobOperator
 from workqueue_provider.operators.queue import DeclareQueueOperator, DeleteQueueOperator, FillQueueOperator
 from workqueue_provider.sensors.job import JobCompleteSensor
 
-pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.real_node]
+pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.localkube_only]
 RBAC = Path(__file__).resolve().parents[2] / "deploy" / "rbac.yaml"
 
 
@@ -55,7 +55,7 @@ def test_the_shipped_role_runs_the_whole_flow(amqp_conn, cluster, core, batch, n
     k8s = kube_connection_as(cluster, monkeypatch, "user-1")
     # no broker answers at this address: EnsureBrokerOperator must start one (RabbitMQ in a container, reached
     # from here through its NodePort, by the pods as rabbitmq-service:5672); everything reads its Secret as user-1
-    node_ip, port = cluster.kubelet_node.node_ip, free_node_port()
+    node_ip, port = cluster.node_ip, free_node_port()
     monkeypatch.setenv("AIRFLOW_CONN_AMQP_RBAC", json.dumps({"conn_type": "amqp", "host": node_ip, "port": port, "extra": {
         "credentials_secret": "rabbitmq-credentials", "credentials_namespace": namespace, "kubernetes_conn_id": k8s}}))
     amqp = {"amqp_conn_id": "amqp_rbac"}

@@ -21,7 +21,7 @@ from workqueue_provider.hooks.amqp import AmqpHook
 from workqueue_provider.operators.job import QueueJobOperator
 from workqueue_provider.operators.queue import DeclareQueueOperator, DeleteQueueOperator, FillQueueOperator
 
-pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.real_node]
+pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -18,7 +18,7 @@ import structlog.testing
 from kubernetes.client import ApiException
 
 from tests.conftest import task_context
-from workqueue_provider.exceptions import BrokerUnreachableError, ConfigurationError
+from workqueue_provider.exceptions import BrokerUnreachableError, ConfigurationError, KubernetesError
 from workqueue_provider.hooks.kubernetes import KubernetesApi
 from workqueue_provider.kube import broker_manifests as manifests
 from workqueue_provider.operators import broker
@@ -301,3 +301,25 @@ def test_a_kind_without_a_client_call_is_named():
     api.__dict__.update(core=FakeClient(), apps=FakeClient(), api_client=Serializer())
     with pytest.raises(ValueError, match="no create call for kind 'Deployment'"):
         api.create_object({"kind": "Deployment", "metadata": {"name": "d", "namespace": NS}})
+
+
+class NodePortAllocatingClient(FakeClient):
+    """As the API server does for a Service whose fixed nodePort is taken: 422 (invalid) before the name's 409."""
+
+    def create(self, kind: str, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        if kind == "Service" and any(port.get("nodePort") for port in body["spec"].get("ports", [])):
+            self.writes.append(f"create {kind}/{body['metadata']['name']}")
+            raise ApiException(status=422, reason="Invalid: spec.ports[0].nodePort: provided port is already allocated")
+        return super().create(kind, namespace, body)
+
+
+def test_an_existing_service_refused_for_its_taken_node_port_counts_as_existing():
+    api = KubernetesApi("k8s")
+    client = NodePortAllocatingClient()
+    api.__dict__.update(core=client, apps=client, api_client=Serializer())
+    service = {"kind": "Service", "metadata": {"name": "rabbitmq-service", "namespace": NS},
+               "spec": {"type": "NodePort", "ports": [{"port": 5672, "nodePort": 30672}]}}
+    with pytest.raises(KubernetesError, match="refused the object as invalid"):  # not there: the refusal stands
+        api.create_object(service)
+    client.add(service)
+    assert api.create_object(service) is False  # there: kept, as a 409 would say

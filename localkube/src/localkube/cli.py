@@ -1,13 +1,13 @@
 """``localkube``: build, start and stop the local cluster, and load images into its node.
 
     localkube build [--node-images]                          # prints the bin dir
-    localkube up [--state-file F] [--kubeconfig-out P] [--images-file T] [--repo DIR] [--detach]
+    localkube up [--state-file F] [--kubeconfig-out P] [--load ARCHIVE ...] [--detach]
     localkube down --state-file F
-    localkube load-image NAME --state-file F --entrypoint 'sh -c "..."' [--env K=V ...] [--working-dir D]
+    localkube load-image --archive ARCHIVE --state-file F
 
 ``up`` prints the admin kubeconfig's path on stdout once the node is Ready and runs until SIGINT or
-SIGTERM (``--detach``: returns then, leaving it running). Images are entries of the node agent's
-image table (see images.py); ``load-image`` adds one to a running cluster.
+SIGTERM (``--detach``: returns then, leaving it running). ``load-image`` imports an image archive (e.g. from
+``docker save`` or ``buildah push ... docker-archive:PATH``) into the running node's containerd, as a pull would.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -25,12 +24,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from localkube.build import ensure_built
-from localkube.cluster import NODES, LocalCluster
+from localkube.cluster import LocalCluster
 from localkube.image_build import ensure_python_image
-from localkube.images import make_entry, normalize
 from localkube.kubelet_node import ensure_node_packages, import_image
 from localkube.node_images import ensure_node_images
-from localkube.observe import write_image_table
 from localkube.processes import MARK_ID, marked_pids, pid_alive
 
 #: What ``up`` prints once the cluster is ready, beside the kubeconfig path (the workqueue project's
@@ -43,7 +40,7 @@ def _announce(cluster: LocalCluster, kubeconfig: str) -> None:
     print(f"  export KUBECONFIG={kubeconfig}", file=sys.stderr)
 
 
-def up(args: argparse.Namespace, images: dict[str, dict] | None = None, announce: Announce = _announce) -> int:
+def up(args: argparse.Namespace, announce: Announce = _announce) -> int:
     """Start a cluster and keep it running until SIGINT/SIGTERM (or, with ``--detach``, in a process of
     its own that this one waits for until it is ready)."""
     if args.detach:
@@ -54,10 +51,7 @@ def up(args: argparse.Namespace, images: dict[str, dict] | None = None, announce
         stop["flag"] = True
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    table = dict(images or {})
-    if args.images_file:
-        table.update(json.loads(Path(args.images_file).read_text()))
-    cluster = LocalCluster(images=table, repo=args.repo, node=args.node)
+    cluster = LocalCluster()
     try:
         cluster.start()
         for archive in args.load:
@@ -129,26 +123,10 @@ def down(args: argparse.Namespace) -> int:
 
 
 def load_image(args: argparse.Namespace) -> int:
-    """A real node (``up --node kubelet``): import a docker-archive or OCI archive into its containerd, as a pull
-    would. The node agent: add (or replace) an image in its table; containers started from now on use it."""
+    """Import a docker-archive or OCI archive into the running node's containerd, as a pull would."""
     state = json.loads(Path(args.state_file).read_text())
-    if state.get("node_kind") == "kubelet":
-        if not args.archive:
-            print("this cluster has a real node: give the image as --archive PATH (a docker-archive, e.g. from "
-                  "`docker save` or `buildah push ... docker-archive:PATH`)", file=sys.stderr)
-            return 2
-        import_image(state["containerd_socket"], Path(args.archive))
-        print(f"{args.archive} imported into the node's containerd", file=sys.stderr)
-        return 0
-    if not (args.name and args.entrypoint):
-        print("the node agent runs images from a table: give NAME and --entrypoint", file=sys.stderr)
-        return 2
-    images_file = Path(state["images_file"])
-    table = json.loads(images_file.read_text())
-    env = dict(pair.split("=", 1) for pair in args.env)
-    table[normalize(args.name)] = make_entry(shlex.split(args.entrypoint), None, env, args.working_dir)
-    write_image_table(images_file, table)
-    print(f"image {args.name} loaded into the node's table ({images_file})", file=sys.stderr)
+    import_image(state["containerd_socket"], Path(args.archive))
+    print(f"{args.archive} imported into the node's containerd", file=sys.stderr)
     return 0
 
 
@@ -162,25 +140,17 @@ def parser() -> argparse.ArgumentParser:
     add_up_arguments(start)
     stop = sub.add_parser("down", help="stop a cluster started with up --state-file")
     stop.add_argument("--state-file", required=True)
-    load = sub.add_parser("load-image", help="add an image to a running cluster's node (up --state-file)")
-    load.add_argument("name", nargs="?", help="the node agent: the image's name")
+    load = sub.add_parser("load-image", help="import an image into a running cluster's node (up --state-file)")
     load.add_argument("--state-file", required=True)
-    load.add_argument("--archive", help="a real node: the image as a docker-archive or OCI archive")
-    load.add_argument("--env", action="append", default=[], metavar="K=V", help="the node agent: the image's env")
-    load.add_argument("--working-dir", help="the node agent: the image's working directory")
-    load.add_argument("--entrypoint", help="the node agent: the image's entrypoint and its arguments, as shell words")
+    load.add_argument("--archive", required=True, help="the image as a docker-archive or OCI archive")
     return p
 
 
 def add_up_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-file", help="write a JSON with kubeconfig, server, tokens, pids (removed on stop)")
     p.add_argument("--kubeconfig-out", help="also write the admin kubeconfig here (and print this path)")
-    p.add_argument("--images-file", help="a JSON image table to load at start (see images.py)")
-    p.add_argument("--repo", default=None, help="what {repo} in an image entry names (default: the current directory)")
-    p.add_argument("--node", choices=NODES, default="agent",
-                   help="kubelet: a real node (containerd, CNI, kube-proxy, CoreDNS); agent: pods as host processes")
     p.add_argument("--load", action="append", default=[], metavar="ARCHIVE",
-                   help="with --node kubelet: an image archive to load at start (repeatable)")
+                   help="an image archive to load into the node at start (repeatable)")
     p.add_argument("--detach", action="store_true", help="return once the cluster is up, leaving it running")
     p.add_argument("--log-file", help="with --detach: where the launcher's messages go")
 

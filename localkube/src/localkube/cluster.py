@@ -1,6 +1,7 @@
-"""A real local Kubernetes control plane: etcd, kube-apiserver and kube-controller-manager (built from
-the Kubernetes Go modules by ``build.sh``) run as local processes on free loopback ports;
-``node_agent.py`` plays the kubelet, running pod containers as host processes. See README.md.
+"""A real local Kubernetes cluster: etcd, kube-apiserver, kube-controller-manager and kube-scheduler (built
+from the Kubernetes Go modules by ``build.sh``) run as local processes on free loopback ports, and a real
+node (:mod:`localkube.kubelet_node`: kubelet, containerd, CNI networking, kube-proxy, CoreDNS) runs the
+pods in containers. See README.md.
 
     from localkube import LocalCluster
     with LocalCluster() as cluster:
@@ -15,10 +16,8 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import ssl
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -54,10 +53,8 @@ CONTROLLERS = [
     "cronjob-controller",
     "resourcequota-controller",  # a ResourceQuota is enforced once this has counted the namespace's usage
     "root-ca-certificate-publisher-controller",  # kube-root-ca.crt: a real kubelet mounts it into every pod
-]
-#: with a real kubelet: the not-ready taint it registers with is lifted once the node is Ready (and a node
-#: that stops reporting is tainted and its pods evicted, as on any cluster)
-KUBELET_NODE_CONTROLLERS = [
+    # the kubelet registers with the not-ready taint, lifted once the node is Ready (and a node that stops
+    # reporting is tainted and its pods evicted, as on any cluster)
     "node-lifecycle-controller",
     "endpointslice-controller",  # kube-proxy and CoreDNS read EndpointSlices
     # PersistentVolumeClaims bind to PersistentVolumes (a StatefulSet's volumeClaimTemplates); the claims'
@@ -66,7 +63,6 @@ KUBELET_NODE_CONTROLLERS = [
     "persistentvolumeclaim-protection-controller",
     "persistentvolume-protection-controller",
 ]
-NODES = ("agent", "kubelet")  # the node agent (pods as host processes), or a real kubelet (kubelet_node.py)
 
 #: Users with a token in the token-auth-file.  "admin" is in system:masters;
 #: the spare users have no group and no rights until a test binds a role to
@@ -88,9 +84,8 @@ rules:
 """
 
 class LocalCluster(ClusterAccess, ClusterObservation):
-    """Context manager running a local control plane and a node: the node agent (``node="agent"``: pods
-    as host processes, images from a table), or a real kubelet with containerd and CNI networking
-    (``node="kubelet"``: :mod:`localkube.kubelet_node`; images loaded with :meth:`load_image`).
+    """Context manager running a local control plane and a real node: a kubelet with containerd and CNI
+    networking (:mod:`localkube.kubelet_node`); images are loaded with :meth:`load_image`, as a pull would.
 
     Attributes once started: ``kubeconfig`` (admin kubeconfig path), ``server``
     (API server URL), ``admin_token``, ``ca_path``, ``tokens`` (user -> bearer
@@ -99,22 +94,15 @@ class LocalCluster(ClusterAccess, ClusterObservation):
     """
 
     def __init__(self, bin_dir: str | os.PathLike | None = None, *, users: dict[str, list[str]] | None = None,
-                 images: dict[str, dict] | None = None, node_name: str = "workqueue-node",
-                 workdir: str | os.PathLike | None = None, keep_workdir: bool = False,
-                 startup_timeout: float = 90.0, audit_log: bool = False, repo: str | os.PathLike | None = None,
-                 node: str = "agent"):
-        if node not in NODES:
-            raise ClusterError(f"node={node!r}: choose one of {', '.join(NODES)}")
-        self.node = node
+                 node_name: str = "workqueue-node", workdir: str | os.PathLike | None = None,
+                 keep_workdir: bool = False, startup_timeout: float = 90.0, audit_log: bool = False):
         self.kubelet_node: KubeletNode | None = None
         self.bin_dir = Path(bin_dir) if bin_dir else None
         self.users = {**DEFAULT_USERS, **(users or {})}
-        self._initial_images = dict(images or {})
         self.node_name = node_name
         self._workdir_arg = Path(workdir) if workdir else None
         self.keep_workdir = keep_workdir
         self.startup_timeout = startup_timeout
-        self.repo = Path(repo or os.getcwd()).resolve()  # what ``{repo}`` in an image entry names
         self.audit_log = audit_log  # opt-in: the API server logs every request (Metadata level), see audit_events()
         self.procs: dict[str, subprocess.Popen] = {}
         self.workdir: Path | None = None
@@ -158,16 +146,24 @@ class LocalCluster(ClusterAccess, ClusterObservation):
         return self._bin
 
     def load_image(self, archive: str | os.PathLike) -> None:
-        """Load a docker-archive or OCI archive into the real node (``node="kubelet"``), as a pull would."""
-        if self.kubelet_node is None:
-            raise ClusterError("load_image needs LocalCluster(node=\"kubelet\"); the node agent uses register_image")
-        self.kubelet_node.load_image(Path(archive))
+        """Load a docker-archive or OCI archive into the node's containerd, as a pull would."""
+        self._node.load_image(Path(archive))
+
+    @property
+    def _node(self) -> KubeletNode:
+        assert self.kubelet_node is not None, "the cluster is not started"
+        return self.kubelet_node
 
     @property
     def host_ip(self) -> str:
         """The host as pods see it: a broker or any server on the host that listens there is reachable
-        from pods (the host's end of the real node's link; 127.0.0.1 with the node agent)."""
-        return self.kubelet_node.host_ip if self.kubelet_node is not None else "127.0.0.1"
+        from pods (the host's end of the node's link)."""
+        return self._node.host_ip
+
+    @property
+    def node_ip(self) -> str:
+        """The node's address: where this machine reaches a NodePort."""
+        return self._node.node_ip
 
     @property
     def ca_path(self) -> str:
@@ -176,11 +172,6 @@ class LocalCluster(ClusterAccess, ClusterObservation):
     @property
     def kubectl_path(self) -> str:
         return str(self._bin / "kubectl")
-
-    @property
-    def log_dir(self) -> Path:
-        """Container logs: <log_dir>/<namespace>/<pod>/<container>.log"""
-        return self._work / "node" / "logs"
 
     # -- start
     def start(self) -> LocalCluster:
@@ -218,10 +209,8 @@ class LocalCluster(ClusterAccess, ClusterObservation):
             lines.append(f'{token},{user},{user}' + (f',"{",".join(groups)}"' if groups else ""))
         (pki / "tokens.csv").write_text("\n".join(lines) + "\n")
         (pki / "tokens.csv").chmod(0o600)
-        self.images_file = w / "images.json"
-        self.images_file.write_text(json.dumps(self._initial_images))
 
-        etcd_client, etcd_peer, api_port, kcm_port, log_port = (free_port() for _ in range(5))
+        etcd_client, etcd_peer, api_port, kcm_port = (free_port() for _ in range(4))
         self.server = f"https://127.0.0.1:{api_port}"
         self.api_port = api_port
         self.kubeconfig = str(self.kubeconfig_for("admin", w / "kubeconfig"))
@@ -274,33 +263,24 @@ class LocalCluster(ClusterAccess, ClusterObservation):
             "--bind-address=127.0.0.1", f"--secure-port={kcm_port}",
             f"--cert-dir={w / 'kcm-certs'}",
             "--leader-elect=false",
-            "--controllers=" + ",".join(CONTROLLERS + (KUBELET_NODE_CONTROLLERS if self.node == "kubelet" else [])),
+            "--controllers=" + ",".join(CONTROLLERS),
             f"--service-account-private-key-file={pki / 'sa.key'}",
             f"--root-ca-file={pki / 'ca.crt'}",
             "--kube-api-qps=200", "--kube-api-burst=400",
             "--profiling=false",
             "--v=1",
         ])
-        if self.node == "kubelet":
-            self._spawn("kube-scheduler", [
-                str(self._bin / "kube-scheduler"), f"--kubeconfig={self.kubeconfig}",
-                f"--authentication-kubeconfig={self.kubeconfig}", f"--authorization-kubeconfig={self.kubeconfig}",
-                "--bind-address=127.0.0.1", f"--secure-port={free_port()}", "--leader-elect=false", "--v=1",
-            ])
-            self.kubelet_node = KubeletNode(self)
-            self.kubelet_node.start()
-        else:
-            self._spawn("node-agent", [
-                sys.executable, "-m", "localkube.node_agent", "--kubeconfig", self.kubeconfig,
-                "--state-dir", str(w / "node"), "--node-name", self.node_name, "--images-file", str(self.images_file),
-                "--log-port", str(log_port), "--tls-cert", str(pki / "serving.crt"), "--tls-key", str(pki / "serving.key"),
-                "--cluster-id", self.cluster_id, "--api-host", "127.0.0.1", "--api-port", str(api_port),
-                "--repo", str(self.repo),
-            ])
+        self._spawn("kube-scheduler", [
+            str(self._bin / "kube-scheduler"), f"--kubeconfig={self.kubeconfig}",
+            f"--authentication-kubeconfig={self.kubeconfig}", f"--authorization-kubeconfig={self.kubeconfig}",
+            "--bind-address=127.0.0.1", f"--secure-port={free_port()}", "--leader-elect=false", "--v=1",
+        ])
+        self.kubelet_node = KubeletNode(self)
+        self.kubelet_node.start()
         # the serviceaccount controller creating "default" proves the controller manager works
         self._wait(lambda: self._http_ok(f"{self.server}/api/v1/namespaces/default/serviceaccounts/default",
                                          token=self.admin_token), "kube-controller-manager (default ServiceAccount)")
-        self._wait(self._node_ready, f"{'the kubelet' if self.kubelet_node else 'the node agent'} (Ready node)")
+        self._wait(self._node_ready, "the kubelet (Ready node)")
         self.startup_seconds = time.monotonic() - t0
 
     def _spawn(self, name: str, argv: list[str]) -> None:
@@ -357,16 +337,13 @@ class LocalCluster(ClusterAccess, ClusterObservation):
         if not self._started:
             return
         self._started = False
-        # the node first: the agent stops the containers (SIGTERM, then SIGKILL); a real node is removed whole
+        # the node first: removed whole (containers, mounts, network, cgroups; see kubelet_node.py)
         if self.kubelet_node is not None:
             self.kubelet_node.stop()
-        for name in ("node-agent", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"):
+        for name in ("kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"):
             p = self.procs.get(name)
-            if p is None:
-                continue
-            self._terminate(p, 10.0 if name == "node-agent" else 5.0)
-            if name == "node-agent":
-                self._kill_container_groups()
+            if p is not None:
+                self._terminate(p, 5.0)
         self._kill_marked()
         if self.workdir and not self.keep_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
@@ -375,17 +352,6 @@ class LocalCluster(ClusterAccess, ClusterObservation):
         """Stop one of the cluster's processes (:func:`localkube.processes.terminate`); the one place
         stop() ends a process, so a subclass can watch what needed SIGKILL."""
         terminate(p, timeout)
-
-    def _kill_container_groups(self) -> None:
-        try:
-            pgids = [int(x) for x in (self._work / "node" / "agent" / "pgids").read_text().split()]
-        except (OSError, ValueError):
-            pgids = []
-        for pgid in pgids:
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
 
     def _kill_marked(self) -> None:
         kill_until_gone(lambda: marked_pids(MARK_ID, self.cluster_id), timeout=10)
@@ -410,7 +376,6 @@ class LocalCluster(ClusterAccess, ClusterObservation):
         return {"kubeconfig": self.kubeconfig, "server": self.server, "ca": self.ca_path,
                 "admin_token": self.admin_token, "tokens": self.tokens, "workdir": str(self.workdir),
                 "bin_dir": str(self.bin_dir), "kubectl": self.kubectl_path, "launcher_pid": os.getpid(),
-                "pids": self.pids(), "cluster_id": self.cluster_id, "node": self.node_name, "node_kind": self.node,
-                "log_dir": str(self.log_dir), "images_file": str(self.images_file),
-                "containerd_socket": str(self.kubelet_node.socket) if self.kubelet_node else None,
+                "pids": self.pids(), "cluster_id": self.cluster_id, "node": self.node_name,
+                "containerd_socket": str(self._node.socket), "node_ip": self.node_ip, "host_ip": self.host_ip,
                 "startup_seconds": self.startup_seconds}

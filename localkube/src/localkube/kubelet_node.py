@@ -1,4 +1,4 @@
-"""A real node for :class:`localkube.LocalCluster` (``node="kubelet"``): the kubelet and kube-proxy built
+"""A real node for :class:`localkube.LocalCluster`: the kubelet and kube-proxy built
 from the same pinned module as the API server, Debian's containerd and runc (CRI v1, cgroupfs driver on
 this machine's cgroup v1), pod networking with the standard CNI plugins (bridge + host-local IPAM +
 portmap + loopback), Services through kube-proxy and cluster DNS through CoreDNS, all in a network

@@ -21,7 +21,7 @@ from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
 from kubernetes.client import ApiException, AppsV1Api, BatchV1Api, CoreV1Api
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
-from workqueue_provider.exceptions import ConfigurationError
+from workqueue_provider.exceptions import ConfigurationError, KubernetesError
 from workqueue_provider.hooks.connections import connection_error, malformed_error
 from workqueue_provider.hooks.kube_errors import TRANSIENT_STATUSES, api_error, transport_error
 from workqueue_provider.kube.job_manifest import owner_reference
@@ -207,10 +207,18 @@ class KubernetesApi:
     # -- the broker's Service, StatefulSet and (a cluster's) ConfigMap
 
     def create_object(self, body: dict[str, Any]) -> bool:
-        """Create a Service, StatefulSet or ConfigMap; False when one of that name exists already."""
+        """Create a Service, StatefulSet or ConfigMap; False when one of that name exists already. (A Service
+        with a fixed nodePort that exists already is refused as invalid, "port is already allocated", before
+        the name is checked: that too counts as existing once a read finds it.)"""
         kind, name, namespace = body["kind"], body["metadata"]["name"], body["metadata"]["namespace"]
         create = self._object_call("create", kind)
-        return self.call(f"create {kind} {name!r}", create, namespace, body, namespace=namespace, exists_ok=True) is not None
+        try:
+            created = self.call(f"create {kind} {name!r}", create, namespace, body, namespace=namespace, exists_ok=True)
+        except KubernetesError:
+            if self.get_object(kind, name, namespace) is not None:
+                return False
+            raise
+        return created is not None
 
     def get_object(self, kind: str, name: str, namespace: str) -> dict[str, Any] | None:
         read = self._object_call("read", kind)
