@@ -28,16 +28,15 @@ test: background-builds broker
 	wait $$r4 || status=1; wait $$compat || status=1; \
 	exit $$status
 
-## On a cold machine the cluster's Go build (minutes), the node's and the example's images (debootstrap,
-## buildah) and the Airflow 3.1 venv are started in the background while the brokers and the main venv are
-## set up, and go on while the tests that need no cluster run (localkube's pytest plugin runs the modules
-## that use the cluster last); whoever needs them first waits (each holds a lock), and a failure there still
-## fails the pass that needs them.
+## On a cold machine the control plane's Go build (minutes), the real node's images (debootstrap) and the
+## Airflow 3.1 venv are started in
+## the background while the brokers and the main venv are set up; whoever needs them first waits
+## (both hold a lock), and a failure there still fails the pass that needs them.
 background-builds:
 	@mkdir -p "$(WORKQUEUE_CACHE)"; \
 	nohup bash localkube/src/localkube/build.sh > "$(WORKQUEUE_CACHE)/control-plane-build.log" 2>&1 & \
-	nohup bash -c 'venv=$$(scripts/ensure-venv.sh) && "$$venv/bin/localkube" build --node-images && \
-	  "$$venv/bin/python" scripts/real_node_images.py' > "$(WORKQUEUE_CACHE)/node-images-build.log" 2>&1 & \
+	nohup bash -c 'venv=$$(scripts/ensure-venv.sh) && "$$venv/bin/localkube" build --node-images' \
+	  > "$(WORKQUEUE_CACHE)/node-images-build.log" 2>&1 & \
 	nohup scripts/test-compat.sh --venv-only > "$(WORKQUEUE_CACHE)/compat-venv.log" 2>&1 &
 
 ## make test-rabbitmq4: the broker-side tests (integration, reliability, TLS) against RabbitMQ 4.0:

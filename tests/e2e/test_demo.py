@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.e2e, pytest.mark.localkube_only,
-              pytest.mark.timeout(1200), pytest.mark.usefixtures("localkube_bin_dir")]
+              pytest.mark.timeout(1200)]
 REPO = Path(__file__).resolve().parents[2]
 ITEMS = ["apple", "banana", "cherry", "date", "fig", "grape", "lemon", "melon"]
 

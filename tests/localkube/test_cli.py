@@ -16,8 +16,7 @@ import pytest
 from localkube import MARK_ID, marked_pids
 from localkube.image_build import PYTHON_IMAGE, ensure_python_image
 
-pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600), pytest.mark.localkube_only,
-              pytest.mark.usefixtures("localkube_bin_dir")]  # run after the build, as the cluster tests
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600), pytest.mark.localkube_only]
 LOCALKUBE = [sys.executable, "-m", "localkube"]
 
 

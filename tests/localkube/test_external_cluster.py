@@ -17,8 +17,7 @@ import pytest
 
 from tests.localkube.test_cli import LOCALKUBE, _running_cluster
 
-pytestmark = [pytest.mark.cluster, pytest.mark.integration, pytest.mark.localkube_only, pytest.mark.timeout(900),
-              pytest.mark.usefixtures("localkube_bin_dir")]
+pytestmark = [pytest.mark.cluster, pytest.mark.integration, pytest.mark.localkube_only, pytest.mark.timeout(900)]
 REPO = Path(__file__).resolve().parents[2]
 ON_THE_OTHER_CLUSTER = ["tests/integration/test_job_side.py::test_the_seed_job_processes_every_item_once",
                         "tests/integration/test_job_side.py::test_the_trigger_watches_until_complete_and_the_sensor_verifies"]

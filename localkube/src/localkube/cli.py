@@ -158,11 +158,11 @@ def add_up_arguments(p: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "build":
-        if args.node_images:  # first: they don't need the binaries, so they go on beside a build.sh already running
+        print(ensure_built())
+        if args.node_images:
             ensure_node_packages()
             for archive in [*ensure_node_images().values(), ensure_python_image()]:
                 print(archive)
-        print(ensure_built())
         return 0
     commands = {"up": up, "down": down, "load-image": load_image}
     return commands[args.command](args)
